@@ -1,0 +1,14 @@
+// Schemas of the torch.ops.sale.* operators, defined once here with the
+// LibTorch stable ABI (built with TORCH_TARGET_VERSION = torch 2.10).
+//
+// Implementations are registered elsewhere: Python reference implementations
+// (torch.library) for now, CUDA kernels via STABLE_TORCH_LIBRARY_IMPL(sale,
+// CUDA, m) in cpp/torch_bindings/*_cuda.cu.
+#include <torch/csrc/stable/library.h>
+
+STABLE_TORCH_LIBRARY(sale, m) {
+  m.def("quantize(Tensor q, Tensor k, int bk) -> (Tensor q_codes, Tensor q_scale, Tensor k_codes, Tensor k_scale, Tensor qk_bias, Tensor k_mean)");
+  m.def("block_mask(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tensor k_codes, Tensor k_scale, Tensor qk_bias, Tensor k_mean, Tensor tau, int bq, int bk, int window, float scale) -> Tensor");
+  m.def("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor block_mask, int bq, int bk, float scale, bool causal) -> (Tensor out, Tensor lse)");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor tau, int bq, int bk, int window, float scale, bool causal, int dense_below) -> (Tensor out, Tensor lse, Tensor block_mask)");
+}

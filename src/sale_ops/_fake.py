@@ -1,0 +1,56 @@
+"""Fake (meta) functions of every ``torch.ops.sale`` op, in one place.
+
+They run the same metadata checks as the backends and allocate outputs of the right shape,
+dtype and device, so the ops trace under ``torch.compile`` (also with symbolic sequence lengths)
+and ``torch.export`` without touching data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@torch.library.register_fake("sale::quantize")
+def _quantize_fake(q, k, bk):
+    _checks.quantize_args(q, k, bk)
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    f32 = torch.float32
+    return (
+        q.new_empty((B, Hq, Nq, D), dtype=torch.int8),
+        q.new_empty((B, Hq, Nq), dtype=f32),
+        k.new_empty((B, Hkv, Nk, D), dtype=torch.int8),
+        k.new_empty((B, Hkv, Nk), dtype=f32),
+        q.new_empty((B, Hq, Nk), dtype=f32),
+        k.new_empty((B, Hkv, D), dtype=f32),
+    )
+
+
+@torch.library.register_fake("sale::block_mask")
+def _block_mask_fake(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, bq, bk, window, scale):
+    _checks.block_mask_args(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, bq, bk, window, scale)
+    B, Hq, Nq, _ = q.shape
+    return q.new_empty((B, Hq, _cdiv(Nq, bq), _cdiv(k.shape[2], bk)), dtype=torch.bool)
+
+
+@torch.library.register_fake("sale::block_sparse_attention")
+def _block_sparse_attention_fake(q, k, v, block_mask, bq, bk, scale, causal):
+    _checks.block_sparse_attention_args(q, k, v, block_mask, bq, bk, scale, causal)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.register_fake("sale::attention")
+def _attention_fake(q, k, v, tau, bq, bk, window, scale, causal, dense_below):
+    _checks.attention_args(q, k, v, tau, bq, bk, window, scale, causal, dense_below)
+    B, Hq, Nq, _ = q.shape
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        q.new_empty((B, Hq, Nq), dtype=torch.float32),
+        q.new_empty((B, Hq, _cdiv(Nq, bq), _cdiv(k.shape[2], bk)), dtype=torch.bool),
+    )

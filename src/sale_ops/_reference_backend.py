@@ -1,0 +1,66 @@
+"""CPU and CUDA implementations of the ``torch.ops.sale`` ops that run :mod:`sale_ops.reference`.
+
+On the CPU this is the intended implementation. On CUDA it is a stand-in: the same PyTorch
+reference running on the GPU (correct, not fast) until the Hopper kernels replace each op; the
+README's support table says which ops are still served from here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from . import reference as ref
+
+_DEVICES = ("cpu", "cuda")
+
+
+def _contiguous(*tensors):
+    return tuple(t.contiguous() for t in tensors)
+
+
+@torch.library.register_kernel("sale::quantize", _DEVICES)
+def _quantize(q, k, bk):
+    """sale.quantize through the PyTorch reference (SPEC §2)."""
+    _checks.quantize_args(q, k, bk)
+    return _contiguous(*ref.quantize(q, k, bk))
+
+
+@torch.library.register_kernel("sale::block_mask", _DEVICES)
+def _block_mask(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, bq, bk, window, scale):
+    """sale.block_mask through the PyTorch reference (SPEC §4)."""
+    _checks.block_mask_args(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, bq, bk, window, scale)
+    if tau.device.type == "cpu":
+        _checks.check_tau_values("sale.block_mask", tau)
+    qz = ref.Quantized(q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean)
+    return ref.block_mask(q, k, qz, tau, bq, bk, window, scale).contiguous()
+
+
+@torch.library.register_kernel("sale::block_sparse_attention", _DEVICES)
+def _block_sparse_attention(q, k, v, block_mask, bq, bk, scale, causal):
+    """sale.block_sparse_attention through the PyTorch reference (SPEC §5)."""
+    _checks.block_sparse_attention_args(q, k, v, block_mask, bq, bk, scale, causal)
+    return _contiguous(*ref.block_sparse_attention(q, k, v, block_mask, bq, bk, scale, causal))
+
+
+@torch.library.register_kernel("sale::attention", _DEVICES)
+def _attention(q, k, v, tau, bq, bk, window, scale, causal, dense_below):
+    """sale.attention through the PyTorch reference (SPEC §6)."""
+    _checks.attention_args(q, k, v, tau, bq, bk, window, scale, causal, dense_below)
+    if tau.device.type == "cpu":
+        _checks.check_tau_values("sale.attention", tau)
+    return _contiguous(*ref.attention(q, k, v, tau, bq, bk, window, scale, dense_below))
+
+
+# Ops whose CUDA implementation is still the reference above; each CUDA kernel that lands takes
+# its op off this list (and registers itself for the CUDA key in C++).
+REFERENCE_ON_CUDA = ("quantize", "block_mask", "block_sparse_attention", "attention")
+
+
+def backend_summary(device) -> str:
+    """Which implementation serves the ``torch.ops.sale`` ops on ``device`` (for logs and demos)."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return "PyTorch reference (sale_ops.reference) for every op"
+    names = ", ".join(REFERENCE_ON_CUDA)
+    return f"PyTorch reference on the GPU for {names} (no CUDA kernel yet: correct, not fast)"

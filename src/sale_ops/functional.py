@@ -1,0 +1,215 @@
+"""The public Python API: thin, documented wrappers over ``torch.ops.sale``.
+
+Tensors use the layout of ``torch.nn.functional.scaled_dot_product_attention``:
+``q`` ``[B, Hq, Nq, D]``, ``k`` and ``v`` ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0`` (GQA: query head
+``h`` reads kv head ``h // (Hq // Hkv)``; K/V are never copied), fp16 or bf16, ``D`` in {64, 128},
+last dimension contiguous. With ``Nq < Nk`` the queries are the last ``Nq`` positions (chunked
+prefill, bottom-right causal alignment). Defaults follow SPEC §1 and §6.
+
+Every wrapper validates its input before any op runs. Checks that read values (thresholds,
+empty mask rows) run in eager mode only: inside ``torch.compile`` or CUDA-graph capture they would
+force a device synchronisation, so there the ops rely on the metadata checks alone.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from . import _checks
+from .reference import Quantized, block_density
+
+__all__ = [
+    "AttentionOutput",
+    "attention",
+    "quantize",
+    "block_mask",
+    "block_sparse_attention",
+    "block_density",
+    "DEFAULT_BQ",
+    "DEFAULT_BK",
+    "DEFAULT_WINDOW",
+    "DEFAULT_DENSE_BELOW",
+]
+
+DEFAULT_BQ = 64
+DEFAULT_BK = 32
+DEFAULT_WINDOW = 128
+# Sequences shorter than this many keys are computed densely (SPEC §6). The break-even length of
+# the GPU kernels has not been measured yet, so nothing is sent to the dense path by default.
+DEFAULT_DENSE_BELOW = 0
+
+Thresholds = Union[float, Sequence[float], torch.Tensor]
+
+
+class AttentionOutput(NamedTuple):
+    """What :func:`attention` returns when asked for more than the output.
+
+    ``lse`` ``[B, Hq, Nq]`` fp32 (natural log, unsmoothed frame) or None; ``block_mask``
+    ``[B, Hq, ceil(Nq/bq), ceil(Nk/bk)]`` bool or None; ``density`` ``[B, Hq]`` fp32 (kept over
+    causal blocks) or None.
+    """
+
+    out: torch.Tensor
+    lse: Optional[torch.Tensor]
+    block_mask: Optional[torch.Tensor]
+    density: Optional[torch.Tensor]
+
+
+def _values_are_checkable(t: torch.Tensor) -> bool:
+    """True outside torch.compile tracing and CUDA-graph capture, where reading values is free."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _thresholds(op: str, thresholds: Thresholds, q: torch.Tensor) -> torch.Tensor:
+    """Per-head thresholds as a float32 ``[Hq]`` tensor on ``q``'s device, checked (SPEC §4.5)."""
+    Hq = q.shape[1]
+    if isinstance(thresholds, torch.Tensor):
+        tau = thresholds
+        if tau.dim() == 0:
+            tau = tau.reshape(1).expand(Hq)
+    elif isinstance(thresholds, (int, float)) and not isinstance(thresholds, bool):
+        tau = torch.full((Hq,), float(thresholds), dtype=torch.float32)
+    elif isinstance(thresholds, (list, tuple)):
+        tau = torch.tensor([float(t) for t in thresholds], dtype=torch.float32)
+    else:
+        raise TypeError(
+            f"{op}: argument 'thresholds' must be a float, a sequence of floats or a tensor, "
+            f"got {type(thresholds).__name__}"
+        )
+    if tau.dim() != 1 or tau.shape[0] != Hq:
+        raise ValueError(
+            f"{op}: argument 'thresholds' must hold one value per query head ({Hq}), got shape {tuple(tau.shape)}"
+        )
+    if not tau.dtype.is_floating_point:
+        raise TypeError(f"{op}: argument 'thresholds' has dtype {tau.dtype}; supported: floating-point dtypes")
+    if _values_are_checkable(tau):
+        _checks.check_tau_values(op, tau, 'thresholds')
+    return tau.to(device=q.device, dtype=torch.float32)
+
+
+def _scale(scale: Optional[float], q: torch.Tensor) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    thresholds: Thresholds,
+    *,
+    bq: int = DEFAULT_BQ,
+    bk: int = DEFAULT_BK,
+    window: int = DEFAULT_WINDOW,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    dense_below: Optional[int] = None,
+    return_lse: bool = False,
+    return_block_mask: bool = False,
+) -> Union[torch.Tensor, AttentionOutput]:
+    """SALE causal attention (SPEC §6): quantize → select blocks → block-sparse attention.
+
+    Args:
+        q, k, v: see the module docstring.
+        thresholds: Relative Attention Score threshold per query head (``[Hq]`` tensor, sequence, or
+            one float for all heads); ``0`` keeps every causal block (exact attention), larger
+            values keep fewer blocks. Must be finite and >= 0.
+        bq, bk: query / key block sizes (64; 32 or 64).
+        window: local window ``W`` in keys, always computed exactly (a multiple of ``bk``, >= ``bq``).
+        scale: softmax scale, default ``D ** -0.5``.
+        causal: must be True (SALE is a causal-prefill method).
+        dense_below: sequences with fewer keys than this are computed densely and exactly
+            (default :data:`DEFAULT_DENSE_BELOW`).
+        return_lse, return_block_mask: also return the log-sum-exp and/or the block mask with its
+            density, as an :class:`AttentionOutput`.
+
+    Returns:
+        ``out`` ``[B, Hq, Nq, D]`` in the input dtype, or an :class:`AttentionOutput`.
+    """
+    op = "sale_ops.attention"
+    _checks.check_causal_pipeline(op, causal)
+    _checks.check_qkv(op, q, k, v)
+    tau = _thresholds(op, thresholds, q)
+    dense_below = DEFAULT_DENSE_BELOW if dense_below is None else int(dense_below)
+    out, lse, mask = torch.ops.sale.attention(q, k, v, tau, bq, bk, window, _scale(scale, q), True, dense_below)
+    if not (return_lse or return_block_mask):
+        return out
+    density = block_density(mask, q.shape[2], k.shape[2], bq, bk) if return_block_mask else None
+    return AttentionOutput(out, lse if return_lse else None, mask if return_block_mask else None, density)
+
+
+def quantize(q: torch.Tensor, k: torch.Tensor, *, bk: int = DEFAULT_BK) -> Quantized:
+    """SPEC §2: 4-bit codes (held in int8) and fp32 scales of the mean-centred ``q`` and ``k``, the
+    bias ``qk_bias = q̄ · k̃`` and the key mean, as a :class:`~sale_ops.reference.Quantized`."""
+    return Quantized(*torch.ops.sale.quantize(q, k, bk))
+
+
+def block_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    thresholds: Thresholds,
+    *,
+    quantized: Optional[Quantized] = None,
+    bq: int = DEFAULT_BQ,
+    bk: int = DEFAULT_BK,
+    window: int = DEFAULT_WINDOW,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """SPEC §4: the kept blocks ``[B, Hq, ceil(Nq/bq), ceil(Nk/bk)]`` (bool) for causal prefill.
+
+    ``quantized`` reuses the output of :func:`quantize` (computed here when None).
+    """
+    op = "sale_ops.block_mask"
+    _checks.check_qk(op, q, k)
+    tau = _thresholds(op, thresholds, q)
+    qz = quantize(q, k, bk=bk) if quantized is None else quantized
+    return torch.ops.sale.block_mask(q, k, *qz, tau, bq, bk, window, _scale(scale, q))
+
+
+def _check_no_empty_rows(op: str, mask: torch.Tensor, nq: int, nk: int, bq: int, bk: int, causal: bool) -> None:
+    """SPEC §5: every query row must see at least one kept key."""
+    nK = mask.shape[-1]
+    cols = torch.arange(nK, device=mask.device)
+    first = torch.where(mask, cols, nK).amin(dim=-1)  # first kept key block per query block
+    if causal:
+        first_row = torch.arange(mask.shape[-2], device=mask.device) * bq
+        empty = first * bk > first_row + (nk - nq)  # the block's first row sees nothing kept
+    else:
+        empty = first == nK
+    if bool(empty.any()):
+        b, h, m = torch.nonzero(empty)[0].tolist()
+        raise ValueError(
+            f"{op}: argument 'block_mask' leaves query rows without any visible key (first: batch {b}, "
+            f"head {h}, query block {m}); keep key block 0 (the sink) in every row"
+        )
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    bq: int = DEFAULT_BQ,
+    bk: int = DEFAULT_BK,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    return_lse: bool = False,
+):
+    """SPEC §5: attention over the kept ``bq × bk`` blocks of ``block_mask``
+    (``[B, Hq, ceil(Nq/bq), ceil(Nk/bk)]`` bool), causally masked when ``causal``.
+
+    Returns ``out`` or ``(out, lse)``; a mask that leaves a row without a visible key is refused
+    (checked in eager mode).
+    """
+    op = "sale_ops.block_sparse_attention"
+    _checks.check_qkv(op, q, k, v, causal)
+    _checks.check_blocks(op, bq, bk)
+    _checks.check_block_mask(op, block_mask, q, k, bq, bk)
+    if _values_are_checkable(block_mask):
+        _check_no_empty_rows(op, block_mask, q.shape[2], k.shape[2], bq, bk, causal)
+    out, lse = torch.ops.sale.block_sparse_attention(q, k, v, block_mask, bq, bk, _scale(scale, q), causal)
+    return (out, lse) if return_lse else out
