@@ -122,8 +122,8 @@ def check_tau(op: str, tau, q: torch.Tensor) -> None:
     Hq = q.shape[1]
     if tau.shape[0] != Hq:
         raise ValueError(f"{op}: argument 'tau' must have one threshold per query head ({Hq}), got shape {tuple(tau.shape)}")
-    if not tau.dtype.is_floating_point:
-        raise TypeError(f"{op}: argument 'tau' has dtype {tau.dtype}; supported: floating-point dtypes")
+    if tau.dtype != torch.float32:
+        raise TypeError(f"{op}: argument 'tau' has dtype {tau.dtype}; supported: torch.float32")
     check_same_device(op, q=q, tau=tau)
 
 

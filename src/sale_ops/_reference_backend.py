@@ -1,6 +1,6 @@
 """CPU and CUDA implementations of the ``torch.ops.sale`` ops that run :mod:`sale_ops.reference`.
 
-On the CPU this is the intended implementation. On CUDA it is a stand-in: the same PyTorch
+On the CPU this is the intended implementation. On CUDA it serves the ops in REFERENCE_ON_CUDA: the same PyTorch
 reference running on the GPU (correct, not fast) until the Hopper kernels replace each op; the
 README's support table says which ops are still served from here.
 """
@@ -12,21 +12,27 @@ import torch
 from . import _checks
 from . import reference as ref
 
-_DEVICES = ("cpu", "cuda")
+# Ops whose CUDA implementation is still the reference below; each CUDA kernel that lands takes
+# its op off this list and registers itself for the CUDA key in C++ (cpp/torch_bindings/*_cuda.cu).
+REFERENCE_ON_CUDA = ("quantize", "block_sparse_attention")
+
+
+def _devices(op: str):
+    return ("cpu", "cuda") if op in REFERENCE_ON_CUDA else ("cpu",)
 
 
 def _contiguous(*tensors):
     return tuple(t.contiguous() for t in tensors)
 
 
-@torch.library.register_kernel("sale::quantize", _DEVICES)
+@torch.library.register_kernel("sale::quantize", _devices("quantize"))
 def _quantize(q, k, bk):
     """sale.quantize through the PyTorch reference (SPEC §2)."""
     _checks.quantize_args(q, k, bk)
     return _contiguous(*ref.quantize(q, k, bk))
 
 
-@torch.library.register_kernel("sale::block_mask", _DEVICES)
+@torch.library.register_kernel("sale::block_mask", _devices("block_mask"))
 def _block_mask(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, bq, bk, window, scale):
     """sale.block_mask through the PyTorch reference (SPEC §4)."""
     _checks.block_mask_args(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, bq, bk, window, scale)
@@ -36,25 +42,29 @@ def _block_mask(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, 
     return ref.block_mask(q, k, qz, tau, bq, bk, window, scale).contiguous()
 
 
-@torch.library.register_kernel("sale::block_sparse_attention", _DEVICES)
+@torch.library.register_kernel("sale::block_sparse_attention", _devices("block_sparse_attention"))
 def _block_sparse_attention(q, k, v, block_mask, bq, bk, scale, causal):
     """sale.block_sparse_attention through the PyTorch reference (SPEC §5)."""
     _checks.block_sparse_attention_args(q, k, v, block_mask, bq, bk, scale, causal)
     return _contiguous(*ref.block_sparse_attention(q, k, v, block_mask, bq, bk, scale, causal))
 
 
-@torch.library.register_kernel("sale::attention", _DEVICES)
+@torch.library.register_kernel("sale::attention", ("cpu", "cuda"))
 def _attention(q, k, v, tau, bq, bk, window, scale, causal, dense_below):
-    """sale.attention through the PyTorch reference (SPEC §6)."""
+    """sale.attention as quantize -> block_mask -> block_sparse_attention (SPEC §6), each step
+    dispatched to whatever serves it on this device (a kernel or the reference)."""
     _checks.attention_args(q, k, v, tau, bq, bk, window, scale, causal, dense_below)
     if tau.device.type == "cpu":
         _checks.check_tau_values("sale.attention", tau)
-    return _contiguous(*ref.attention(q, k, v, tau, bq, bk, window, scale, dense_below))
-
-
-# Ops whose CUDA implementation is still the reference above; each CUDA kernel that lands takes
-# its op off this list (and registers itself for the CUDA key in C++).
-REFERENCE_ON_CUDA = ("quantize", "block_mask", "block_sparse_attention", "attention")
+    B, Hq, Nq = q.shape[:3]
+    Nk = k.shape[2]
+    if Nk < dense_below:
+        mask = ref.causal_blocks(Nq, Nk, bq, bk, q.device).expand(B, Hq, -1, -1).contiguous()
+    else:
+        qz = torch.ops.sale.quantize(q, k, bk)
+        mask = torch.ops.sale.block_mask(q, k, *qz, tau, bq, bk, window, scale)
+    out, lse = torch.ops.sale.block_sparse_attention(q, k, v, mask, bq, bk, scale, True)
+    return out, lse, mask
 
 
 def backend_summary(device) -> str:
@@ -62,5 +72,6 @@ def backend_summary(device) -> str:
     kind = torch.device(device).type
     if kind == "cpu":
         return "PyTorch reference (sale_ops.reference) for every op"
-    names = ", ".join(REFERENCE_ON_CUDA)
-    return f"PyTorch reference on the GPU for {names} (no CUDA kernel yet: correct, not fast)"
+    kernels = [op for op in ("quantize", "block_mask", "block_sparse_attention") if op not in REFERENCE_ON_CUDA]
+    reference = ", ".join(REFERENCE_ON_CUDA) or "none"
+    return f"CUDA kernels: {', '.join(kernels) or 'none'}; PyTorch reference on the GPU (correct, not fast): {reference}"

@@ -1,0 +1,114 @@
+"""Time of SALE's selection pass (sale.quantize + sale.block_mask) against cuDNN dense causal
+attention in the same process (issue 3's benchmark).
+
+    python benchmarks/bench_estimate.py            # N = 8K, 16K, 32K, 64K, 128K
+    python benchmarks/bench_estimate.py --quick    # N = 8K, 32K
+
+Prints a markdown table: ms per step, the ratio to cuDNN, the block density the thresholds
+produced, the 8-bit tensor-core rate on candidate tiles (2·D ops per candidate (query, key) pair
+over the block_mask time) and the extra GPU memory over the bytes of q + k + v.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import sale_ops
+from sale_ops import reference as ref
+from sale_ops.testing import make_qkv
+
+INT8_PEAK_TOPS = 1979.0  # H100 SXM dense int8
+
+
+def time_ms(fn, inputs, repeats):
+    """Median of CUDA-event timings, cycling through several input sets (no L2 flattery)."""
+    for x in inputs:
+        fn(*x)
+    times = []
+    for i in range(repeats):
+        x = inputs[i % len(inputs)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def candidate_pairs(n, bq=64, bk=32, window=128):
+    """(query, key) pairs the estimator scores: candidate blocks (causal, outside the dense set)."""
+    cand = ref.causal_blocks(n, n, bq, bk) & ~ref.dense_blocks(n, n, bq, bk, window)
+    return int(cand.sum()) * bq * bk
+
+
+def run(n, hq, hkv, d, tau, repeats, sets):
+    inputs = [make_qkv(1, hq, hkv, n, d, device="cuda", seed=s) for s in range(sets)]
+    tau_t = torch.full((hq,), tau, device="cuda")
+    scale = d**-0.5
+
+    def dense(q, k, v):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    quantized = [torch.ops.sale.quantize(q, k, 32) for q, k, _ in inputs]
+
+    def quantize(q, k, v):
+        return torch.ops.sale.quantize(q, k, 32)
+
+    def select(q, k, v, *qz):
+        return torch.ops.sale.block_mask(q, k, *qz, tau_t, 64, 32, 128, scale)
+
+    t_dense = time_ms(dense, inputs, repeats)
+    t_quant = time_ms(quantize, inputs, repeats)
+    t_mask = time_ms(select, [x + tuple(qz) for x, qz in zip(inputs, quantized)], repeats)
+
+    q, k, v = inputs[0]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    qz = torch.ops.sale.quantize(q, k, 32)
+    mask = torch.ops.sale.block_mask(q, k, *qz, tau_t, 64, 32, 128, scale)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    qkv_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
+    density = float(ref.block_density(mask, n, n, 64, 32).mean())
+    tops = 2 * d * candidate_pairs(n) * hq / (t_mask * 1e-3) / 1e12
+    del inputs, quantized, qz, mask
+    torch.cuda.empty_cache()
+    return dict(
+        n=n, hq=hq, hkv=hkv, d=d, dense=t_dense, quant=t_quant, mask=t_mask,
+        ratio=(t_quant + t_mask) / t_dense, density=density, tops=tops, mem=extra / qkv_bytes,
+    )
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--tau", type=float, default=1e-3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--sets", type=int, default=2, help="input sets to rotate through")
+    a = p.parse_args()
+    lengths = [8192, 32768] if a.quick else [8192, 16384, 32768, 65536, 131072]
+    shapes = [(32, 8, 128), (16, 2, 64)]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {sale_ops.backend_summary('cuda')}")
+    print(f"bf16, B=1, tau={a.tau}, bq=64, bk=32, W=128; synthetic sparse inputs (sale_ops.testing.make_qkv)\n")
+    print("| N | Hq/Hkv/D | cuDNN ms | quantize ms | block_mask ms | (q+m)/cuDNN | density | candidate TOPS (% of 1979) | extra mem / qkv |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for hq, hkv, d in shapes:
+        for n in lengths:
+            r = run(n, hq, hkv, d, a.tau, a.repeats, a.sets)
+            print(
+                f"| {n} | {hq}/{hkv}/{d} | {r['dense']:.2f} | {r['quant']:.2f} | {r['mask']:.2f} | "
+                f"{r['ratio']:.3f} | {r['density']:.3f} | {r['tops']:.0f} ({100 * r['tops'] / INT8_PEAK_TOPS:.0f}%) | "
+                f"{r['mem']:.2f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

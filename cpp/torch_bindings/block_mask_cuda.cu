@@ -1,0 +1,108 @@
+// torch.ops.sale.block_mask on CUDA (sm_90a): the stable-ABI entry around cpp/sale/block_mask.cuh.
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "sale/block_mask.cuh"
+
+namespace {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+constexpr const char* kOp = "sale.block_mask";
+
+void check_cuda_tensor(const Tensor& t, const char* name, ScalarType dtype, int64_t dim, const Tensor& like) {
+  STD_TORCH_CHECK(t.is_cuda(), kOp, ": argument '", name, "' must be a CUDA tensor");
+  STD_TORCH_CHECK(t.get_device_index() == like.get_device_index(), kOp, ": argument '", name,
+                     "' is on another device than 'q'");
+  STD_TORCH_CHECK(t.scalar_type() == dtype, kOp, ": argument '", name, "' has the wrong dtype");
+  STD_TORCH_CHECK(t.dim() == dim, kOp, ": argument '", name, "' must have ", dim, " dimensions, got ", t.dim());
+}
+
+// The kernels read 4- and 16-byte vectors: rows must start on 16-byte boundaries.
+void check_vector_aligned(const Tensor& t, const char* name) {
+  STD_TORCH_CHECK(t.stride(3) == 1, kOp, ": argument '", name, "' must have a contiguous last dimension");
+  const bool aligned = reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 &&
+                       t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
+  STD_TORCH_CHECK(aligned, kOp, ": argument '", name,
+                     "' must start on a 16-byte boundary with batch/head/row strides that are multiples of 8 "
+                     "elements; call .contiguous() first");
+}
+
+Tensor block_mask_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tensor k_codes, Tensor k_scale,
+                       Tensor qk_bias, Tensor k_mean, Tensor tau, int64_t bq, int64_t bk, int64_t window,
+                       double scale) {
+  const ScalarType dt = q.scalar_type();
+  STD_TORCH_CHECK(dt == ScalarType::BFloat16 || dt == ScalarType::Half, kOp,
+                     ": argument 'q' must be float16 or bfloat16");
+  check_cuda_tensor(q, "q", dt, 4, q);
+  check_cuda_tensor(k, "k", dt, 4, q);
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2);
+  STD_TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && Hq % Hkv == 0, kOp,
+                     ": 'k' must be [B, Hkv, Nk, D] with Hq % Hkv == 0 and the batch and head dim of 'q'");
+  STD_TORCH_CHECK(D == 64 || D == 128, kOp, ": argument 'q' has head dim ", D, "; supported: 64, 128");
+  STD_TORCH_CHECK(bq == 64, kOp, ": argument 'bq' is ", bq, "; supported: 64");
+  STD_TORCH_CHECK(bk == 32 || bk == 64, kOp, ": argument 'bk' is ", bk, "; supported: 32, 64");
+  STD_TORCH_CHECK(window % bk == 0 && window >= bq, kOp, ": argument 'window' is ", window,
+                     "; it must be a multiple of bk and at least bq");
+  STD_TORCH_CHECK(std::isfinite(scale) && scale > 0, kOp, ": argument 'scale' must be finite and > 0");
+  STD_TORCH_CHECK(Nq >= 1 && Nq <= Nk, kOp, ": causal selection needs 1 <= Nq <= Nk, got Nq=", Nq, ", Nk=", Nk);
+  STD_TORCH_CHECK(Nk < (int64_t(1) << 31) / 64, kOp, ": sequence too long");
+  check_vector_aligned(q, "q");
+  check_vector_aligned(k, "k");
+
+  check_cuda_tensor(q_codes, "q_codes", ScalarType::Char, 4, q);
+  check_cuda_tensor(q_scale, "q_scale", ScalarType::Float, 3, q);
+  check_cuda_tensor(k_codes, "k_codes", ScalarType::Char, 4, q);
+  check_cuda_tensor(k_scale, "k_scale", ScalarType::Float, 3, q);
+  check_cuda_tensor(qk_bias, "qk_bias", ScalarType::Float, 3, q);
+  check_cuda_tensor(k_mean, "k_mean", ScalarType::Float, 3, q);
+  check_cuda_tensor(tau, "tau", ScalarType::Float, 1, q);
+  const Tensor* contiguous[] = {&q_codes, &q_scale, &k_codes, &k_scale, &qk_bias, &k_mean, &tau};
+  for (const Tensor* t : contiguous) {
+    STD_TORCH_CHECK(t->is_contiguous(), kOp, ": the quantized tensors and 'tau' must be contiguous");
+  }
+  STD_TORCH_CHECK(q_codes.size(2) == Nq && k_codes.size(2) == Nk && qk_bias.size(2) == Nk && tau.size(0) == Hq,
+                     kOp, ": the quantized tensors do not match 'q' and 'k' (see sale.quantize)");
+
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(q.get_device_index(), &stream));
+
+  const int64_t nQ = (Nq + bq - 1) / bq, nK = (Nk + bk - 1) / bk;
+  Tensor threshold = torch::stable::new_empty(q, {B, Hq, Nq}, ScalarType::Float);
+  Tensor mask = torch::stable::new_empty(q, {B, Hq, nQ, nK}, ScalarType::Bool);
+
+  sale::BlockMaskParams p{};
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
+  p.q_codes = static_cast<const int8_t*>(q_codes.const_data_ptr());
+  p.q_scale = static_cast<const float*>(q_scale.const_data_ptr());
+  p.k_codes = static_cast<const int8_t*>(k_codes.const_data_ptr());
+  p.k_scale = static_cast<const float*>(k_scale.const_data_ptr());
+  p.qk_bias = static_cast<const float*>(qk_bias.const_data_ptr());
+  p.k_mean = static_cast<const float*>(k_mean.const_data_ptr());
+  p.tau = static_cast<const float*>(tau.const_data_ptr());
+  p.row_threshold = static_cast<float*>(threshold.mutable_data_ptr());
+  p.mask = static_cast<bool*>(mask.mutable_data_ptr());
+  p.batch = int(B), p.q_heads = int(Hq), p.kv_heads = int(Hkv), p.nq = int(Nq), p.nk = int(Nk);
+  p.bk = int(bk), p.window = int(window), p.nQ = int(nQ), p.nK = int(nK);
+  p.scale = float(scale);
+  const cudaError_t err = sale::launch_block_mask(p, dt == ScalarType::BFloat16, int(D), static_cast<cudaStream_t>(stream));
+  STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
+  return mask;
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(sale, CUDA, m) { m.impl("block_mask", TORCH_BOX(&block_mask_cuda)); }
