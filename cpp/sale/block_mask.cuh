@@ -179,18 +179,29 @@ __global__ void __launch_bounds__(kThreads) row_threshold_kernel(const BlockMask
 // Kernel 2: candidate blocks against the thresholds.
 // ------------------------------------------------------------------------------------------
 
-template <int D, int BK>
-__global__ void __launch_bounds__(kThreads) candidate_kernel(const BlockMaskParams p) {
-  constexpr int kPad = 16;  // bytes: rows land on distinct banks for the B loads
-  constexpr int kChunks = BK * D / 16;  // 16-byte copies per key block
-  __shared__ __align__(16) int8_t ks[2][BK][D + kPad];
+// Bias in code units, b~ = rint(x), as the accumulator's start value; 0 where |x| >= 2^21 so
+// that E + b~ cannot overflow (such blocks are always decided on the exact path).
+__device__ __forceinline__ int32_t approx_bias(float x) { return fabsf(x) < 2097152.f ? __float2int_rn(x) : 0; }
 
-  // Heaviest query blocks (most candidates) first.
-  const int m = p.nQ - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (p.q_heads / p.kv_heads);
+// One CTA scores query block m of HEADS query heads that share a kv head (GQA), so every K
+// tile staged in shared memory feeds HEADS * 64 rows; each warp owns 32 rows (two m16 tiles) of
+// one head. A step scores one candidate block.
+template <int D, int BK, int HEADS>
+__global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const BlockMaskParams p) {
+  constexpr int kThreadsC = 64 * HEADS;
+  constexpr int kStep = BK;                 // keys per step: one candidate block
+  constexpr int kBlocks = kStep / BK;       // candidate blocks per step
+  constexpr int kTiles = kStep / 8;         // n8 tiles per step
+  constexpr int kPad = 16;                  // bytes: rows land on distinct banks for ldmatrix
+  constexpr int kCopies = kStep * D / 16;  // 16-byte copies per step
+  __shared__ __align__(16) int8_t ks[2][kStep][D + kPad];
+
+  const int m = p.nQ - 1 - blockIdx.x;  // heaviest query blocks (most candidates) first
+  const int b = blockIdx.z;
+  const int group = p.q_heads / p.kv_heads;
+  const int hk = blockIdx.y / (group / HEADS);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int row0 = m * kBq + warp * 16 + g;
-  const int rows[2] = {row0, row0 + 8};
+  const int h = hk * group + (blockIdx.y % (group / HEADS)) * HEADS + warp / 2;
   const int64_t bh = int64_t(b) * p.q_heads + h;
   const int64_t bhk = int64_t(b) * p.kv_heads + hk;
 
@@ -198,91 +209,172 @@ __global__ void __launch_bounds__(kThreads) candidate_kernel(const BlockMaskPara
   const int first_window = window_first_block(p, e);
   const int last_causal = (e - 1) / BK;
 
-  // The whole mask row: dense blocks kept, the rest cleared (candidates set below).
-  bool* mask_row = p.mask + (bh * p.nQ + m) * p.nK;
-  for (int n = threadIdx.x; n < p.nK; n += kThreads) {
-    mask_row[n] = n == 0 || (n >= first_window && n <= last_causal);
+  // The mask rows of the CTA's heads: dense blocks kept, the rest cleared (candidates below).
+  for (int i = threadIdx.x; i < HEADS * p.nK; i += kThreadsC) {
+    const int hh = hk * group + (blockIdx.y % (group / HEADS)) * HEADS + i / p.nK, n = i % p.nK;
+    p.mask[((int64_t(b) * p.q_heads + hh) * p.nQ + m) * p.nK + n] = n == 0 || (n >= first_window && n <= last_causal);
   }
-  // Candidates are 1 .. first_window - 1: wholly before e - W, so every existing row sees them.
+  bool* mask_row = p.mask + (bh * p.nQ + m) * p.nK;
+  // Candidates are blocks 1 .. first_window - 1: wholly before e - W, so every existing row of
+  // the query block sees all of their keys, and keys up to first_window * BK + BK exist.
   const int n_end = first_window;
   if (n_end <= 1) return;
 
   const int8_t* kc = p.k_codes + bhk * p.nk * D;
-  auto load_tile = [&](int n, int buf) {
-    for (int c = threadIdx.x; c < kChunks; c += kThreads) {
+  auto load_step = [&](int key0, int buf) {
+#pragma unroll
+    for (int c = threadIdx.x; c < kCopies; c += kThreadsC) {
       const int key = c / (D / 16), col = (c % (D / 16)) * 16;
-      cp_async_16(&ks[buf][key][col], kc + int64_t(n * BK + key) * D + col, 16);
+      cp_async_16(&ks[buf][key][col], kc + int64_t(key0 + key) * D + col, 16);
     }
     cp_async_commit();
   };
-  load_tile(1, 0);
+  load_step(BK, 0);
 
-  uint32_t a[D / 32][4];
+  // A fragments (int8 query codes) of the warp's two m16 tiles.
+  int rows[2][2];
+  uint32_t a[2][D / 32][4];
   const int8_t* qc = p.q_codes + bh * p.nq * D;
 #pragma unroll
-  for (int kk = 0; kk < D / 32; ++kk) {
+  for (int mt = 0; mt < 2; ++mt) {
+    rows[mt][0] = m * kBq + (warp % 2) * 32 + mt * 16 + g;
+    rows[mt][1] = rows[mt][0] + 8;
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
+    for (int kk = 0; kk < D / 32; ++kk)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        a[kk][half * 2 + r] =
-            rows[r] < p.nq ? *reinterpret_cast<const uint32_t*>(qc + int64_t(rows[r]) * D + kk * 32 + half * 16 + 4 * t) : 0u;
-      }
-    }
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          a[mt][kk][half * 2 + r] = rows[mt][r] < p.nq
+              ? *reinterpret_cast<const uint32_t*>(qc + int64_t(rows[mt][r]) * D + kk * 32 + half * 16 + 4 * t)
+              : 0u;
   }
-  // Rows g and g + 8 share one query scale (SPEC §2); a missing row never passes (+inf).
-  const float sq = rows[0] < p.nq ? p.q_scale[bh * p.nq + rows[0]] : 1.f;
-  float thr[2];
+  // Rows g and g + 8 of an m16 tile share one query scale (SPEC §2); a missing row never passes.
+  float sq[2], thr[2][2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) thr[r] = rows[r] < p.nq ? p.row_threshold[bh * p.nq + rows[r]] : INFINITY;
-  const float* bias = p.qk_bias + bh * p.nk;
-  const float* kscale = p.k_scale + bhk * p.nk;
+  for (int mt = 0; mt < 2; ++mt) {
+    sq[mt] = rows[mt][0] < p.nq ? p.q_scale[bh * p.nq + rows[mt][0]] : 1.f;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      thr[mt][r] = rows[mt][r] < p.nq ? p.row_threshold[bh * p.nq + rows[mt][r]] : INFINITY;
+  }
+  const float* bias = p.qk_bias + bh * p.nk + 2 * t;
+  const float* kscale = p.k_scale + bhk * p.nk + 2 * t;
 
-  for (int n = 1; n < n_end; ++n) {
-    const int buf = (n - 1) & 1;
-    if (n + 1 < n_end) {
-      load_tile(n + 1, buf ^ 1);
+  for (int n = 1, step = 0; n < n_end; n += kBlocks, ++step) {
+    const int buf = step & 1;
+    if (n + kBlocks < n_end) {
+      load_step((n + kBlocks) * BK, buf ^ 1);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
 
-    int32_t acc[BK / 8][4];
+    // Every column this thread holds is in key-scale group t of its block (SPEC §2), so one
+    // d = sq * sk serves a (m16 tile, block) pair, and the kept test is
+    // max_j (E_ij + b_ij) * d > T_i with b_ij = rint(bias_j / d) (d > 0: max before multiply).
+    // The accumulators start at b~_j = rint(bias_j * (1/d)), within 1 of b_ij, so the tensor
+    // cores add the bias and the epilogue is one integer max per element; only a block whose
+    // bound straddles the threshold is decided again with exact division.
+    const int key0 = n * BK;
+    float d[2][kBlocks], rd[2][kBlocks], xmax[2][kBlocks];
+    float bj[kTiles][2];
 #pragma unroll
-    for (int nt = 0; nt < BK / 8; ++nt) {
-      acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+    for (int nt = 0; nt < kTiles; ++nt) {
+      bj[nt][0] = bias[key0 + nt * 8];
+      bj[nt][1] = bias[key0 + nt * 8 + 1];
+    }
+    int32_t acc[2][kTiles][4];
 #pragma unroll
-      for (int kk = 0; kk < D / 32; ++kk) {
-        const uint32_t bf[2] = {*reinterpret_cast<const uint32_t*>(&ks[buf][nt * 8 + g][kk * 32 + 4 * t]),
-                                *reinterpret_cast<const uint32_t*>(&ks[buf][nt * 8 + g][kk * 32 + 16 + 4 * t])};
-        mma_s8_16x8x32(acc[nt], a[kk], bf);
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+      for (int blk = 0; blk < kBlocks; ++blk) {
+        d[mt][blk] = sq[mt] * kscale[key0 + blk * BK];
+        rd[mt][blk] = __frcp_rn(d[mt][blk]);
+        xmax[mt][blk] = 0.f;
+      }
+#pragma unroll
+      for (int nt = 0; nt < kTiles; ++nt) {
+        const int blk = nt / (BK / 8);
+        const float x0 = bj[nt][0] * rd[mt][blk], x1 = bj[nt][1] * rd[mt][blk];
+        xmax[mt][blk] = fmaxf(xmax[mt][blk], fmaxf(fabsf(x0), fabsf(x1)));
+        acc[mt][nt][0] = acc[mt][nt][2] = approx_bias(x0);
+        acc[mt][nt][1] = acc[mt][nt][3] = approx_bias(x1);
       }
     }
-    // Every column this thread holds is in key-scale group t of the block (SPEC §2).
-    const float d = sq * kscale[n * BK + 2 * t];
-    float best[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int nt = 0; nt < BK / 8; ++nt) {
-      const float* bj = bias + n * BK + nt * 8 + 2 * t;  // not float2: Nk may be odd
-      const float b0 = rintf(__fdiv_rn(bj[0], d)), b1 = rintf(__fdiv_rn(bj[1], d));
-      best[0] = fmaxf(best[0], fmaxf(float(acc[nt][0]) + b0, float(acc[nt][1]) + b1));
-      best[1] = fmaxf(best[1], fmaxf(float(acc[nt][2]) + b0, float(acc[nt][3]) + b1));
+    for (int nt = 0; nt < kTiles; ++nt) {
+#pragma unroll
+      for (int k4 = 0; k4 < D / 64; ++k4) {  // one ldmatrix.x4 = B for two k32 steps
+        uint32_t bf[4];
+        ldmatrix_x4(bf, &ks[buf][nt * 8 + (lane & 7)][k4 * 64 + (lane >> 3) * 16]);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma_s8_16x8x32(acc[mt][nt], a[mt][2 * k4], {bf[0], bf[1]});
+          mma_s8_16x8x32(acc[mt][nt], a[mt][2 * k4 + 1], {bf[2], bf[3]});
+        }
+      }
     }
-    // d > 0, so max_j((E + b) d) = (max_j (E + b)) d: one multiply per row.
-    const bool hit = best[0] * d > thr[0] || best[1] * d > thr[1];
-    if (__any_sync(0xffffffffu, hit) && lane == 0) mask_row[n] = true;
-    __syncthreads();  // the buffer is refilled next iteration
+#pragma unroll
+    for (int blk = 0; blk < kBlocks; ++blk) {
+      bool hit = false, unsure = false;
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        int32_t best[2] = {acc[mt][blk * (BK / 8)][0], acc[mt][blk * (BK / 8)][2]};
+#pragma unroll
+        for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt) {
+          best[0] = max(best[0], max(acc[mt][nt][0], acc[mt][nt][1]));
+          best[1] = max(best[1], max(acc[mt][nt][2], acc[mt][nt][3]));
+        }
+        // |x| < 2^21 keeps b~ within 1 of b and every sum exact in int32 and fp32.
+        const bool small = xmax[mt][blk] < 2097152.f;
+        unsure |= !small;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float v = float(best[r]);
+          const bool surely = small && (v - 1.f) * d[mt][blk] > thr[mt][r];
+          hit |= surely;
+          unsure |= !surely && (v + 1.f) * d[mt][blk] > thr[mt][r];
+        }
+      }
+      if (__any_sync(0xffffffffu, unsure) && unsure) {
+        // Exact: E = acc - b~ (int), then E + b summed in fp32 as the reference does.
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          float exact[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+          for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int32_t approx_b = approx_bias(bj[nt][c] * rd[mt][blk]);
+              const float bb = rintf(__fdiv_rn(bj[nt][c], d[mt][blk]));
+              exact[0] = fmaxf(exact[0], float(acc[mt][nt][c] - approx_b) + bb);
+              exact[1] = fmaxf(exact[1], float(acc[mt][nt][2 + c] - approx_b) + bb);
+            }
+          }
+          hit |= exact[0] * d[mt][blk] > thr[mt][0] || exact[1] * d[mt][blk] > thr[mt][1];
+        }
+      }
+      // Both warps of a head may set the flag: the same value, so the race is benign.
+      if (__any_sync(0xffffffffu, hit) && lane == 0 && n + blk < n_end) mask_row[n + blk] = true;
+    }
+    __syncthreads();  // the buffer is refilled next step
   }
 }
 
 template <typename T, int D, int BK>
 inline cudaError_t launch_block_mask_impl(const BlockMaskParams& p, cudaStream_t stream) {
-  const dim3 grid(p.nQ, p.q_heads, p.batch);
-  row_threshold_kernel<T, D><<<grid, kThreads, 0, stream>>>(p);
+  row_threshold_kernel<T, D><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  candidate_kernel<D, BK><<<grid, kThreads, 0, stream>>>(p);
+  // As many query heads of a kv group per CTA as divide the group, up to 4.
+  const int group = p.q_heads / p.kv_heads;
+  const int heads = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
+  const dim3 grid(p.nQ, p.q_heads / heads, p.batch);
+  if (heads == 4) candidate_kernel<D, BK, 4><<<grid, 256, 0, stream>>>(p);
+  else if (heads == 2) candidate_kernel<D, BK, 2><<<grid, 128, 0, stream>>>(p);
+  else candidate_kernel<D, BK, 1><<<grid, 64, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
