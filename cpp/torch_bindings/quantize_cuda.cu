@@ -1,0 +1,129 @@
+// torch.ops.sale.quantize on CUDA (SPEC §2): argument checks and allocation, LibTorch stable ABI
+// only; the kernels are in sale/quantize.cuh.
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <sstream>
+#include <string>
+#include <tuple>
+
+#include "sale/quantize.cuh"
+
+namespace {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+constexpr const char* kOp = "sale.quantize";
+
+// Spelled as Python spells them, so the messages match sale_ops._checks.
+std::string dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Half: return "torch.float16";
+    case ScalarType::BFloat16: return "torch.bfloat16";
+    case ScalarType::Float: return "torch.float32";
+    case ScalarType::Double: return "torch.float64";
+    default: return std::string("torch.") + torch::headeronly::toString(t);
+  }
+}
+
+std::string shape(const Tensor& t) {
+  std::ostringstream s;
+  s << "(";
+  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.size(i);
+  s << (t.dim() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+std::string device(const Tensor& t) {
+  if (t.is_cuda()) return "cuda:" + std::to_string(t.get_device_index());
+  return t.is_cpu() ? "cpu" : "a device other than CUDA";
+}
+
+std::string strides(const Tensor& t) {
+  std::ostringstream s;
+  s << "(";
+  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.stride(i);
+  s << (t.dim() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+void check_args(const Tensor& q, const Tensor& k, int64_t bk) {
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"q", &q}, {"k", &k}})
+    STD_TORCH_CHECK(t->dim() == 4, kOp, ": argument '", name, "' must have 4 dimensions, got shape ", shape(*t));
+  STD_TORCH_CHECK(q.is_cuda() && k.is_cuda() && q.get_device_index() == k.get_device_index(), kOp,
+                  ": all tensors must be on one device; 'q' is on ", device(q), " but 'k' is on ", device(k));
+  STD_TORCH_CHECK(q.scalar_type() == ScalarType::Half || q.scalar_type() == ScalarType::BFloat16, kOp,
+                  ": argument 'q' has dtype ", dtype_name(q.scalar_type()), "; supported: torch.float16, torch.bfloat16");
+  STD_TORCH_CHECK(k.scalar_type() == q.scalar_type(), kOp, ": argument 'k' has dtype ", dtype_name(k.scalar_type()),
+                  " but 'q' has ", dtype_name(q.scalar_type()), "; they must match");
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2);
+  STD_TORCH_CHECK(k.size(0) == B, kOp, ": batch sizes differ: 'q' has ", B, ", 'k' has ", k.size(0));
+  STD_TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, kOp, ": query heads must be a multiple of kv heads, got Hq=", Hq,
+                  " ('q') and Hkv=", Hkv, " ('k')");
+  STD_TORCH_CHECK(k.size(3) == D, kOp, ": head dims differ: 'q' has D=", D, ", 'k' has D=", k.size(3));
+  STD_TORCH_CHECK(D == 64 || D == 128, kOp, ": argument 'q' has head dim ", D, "; supported: 64, 128");
+  STD_TORCH_CHECK(Nq >= 1 && Nk >= 1, kOp, ": empty sequence: 'q' has Nq=", Nq, ", 'k' has Nk=", Nk,
+                  "; both must be >= 1");
+  STD_TORCH_CHECK(Nq <= INT32_MAX && Nk <= INT32_MAX, kOp, ": sequences longer than 2^31 - 1 are not supported, got Nq=",
+                  Nq, ", Nk=", Nk);
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"q", &q}, {"k", &k}}) {
+    STD_TORCH_CHECK(t->numel() == 0 || t->stride(3) == 1, kOp, ": argument '", name,
+                    "' must have a contiguous last dimension (stride 1), got strides ", strides(*t),
+                    "; call .contiguous() first");
+  }
+  STD_TORCH_CHECK(bk == 32 || bk == 64, kOp, ": argument 'bk' is ", bk, "; supported: 32, 64");
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> quantize_cuda(Tensor q, Tensor k, int64_t bk) {
+  check_args(q, k, bk);
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2);
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+
+  using torch::stable::new_empty;
+  Tensor q_codes = new_empty(q, {B, Hq, Nq, D}, ScalarType::Char);
+  Tensor q_scale = new_empty(q, {B, Hq, Nq}, ScalarType::Float);
+  Tensor k_codes = new_empty(k, {B, Hkv, Nk, D}, ScalarType::Char);
+  Tensor k_scale = new_empty(k, {B, Hkv, Nk}, ScalarType::Float);
+  Tensor qk_bias = new_empty(q, {B, Hq, Nk}, ScalarType::Float);
+  Tensor k_mean = new_empty(k, {B, Hkv, D}, ScalarType::Float);
+
+  sale::QuantizeParams p;
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.dtype = q.scalar_type() == ScalarType::Half ? sale::QuantizeDtype::kHalf : sale::QuantizeDtype::kBFloat16;
+  p.B = B, p.Hq = Hq, p.Hkv = Hkv, p.Nq = Nq, p.Nk = Nk, p.D = D;
+  p.q_stride_b = q.stride(0), p.q_stride_h = q.stride(1), p.q_stride_n = q.stride(2);
+  p.k_stride_b = k.stride(0), p.k_stride_h = k.stride(1), p.k_stride_n = k.stride(2);
+  p.bk = static_cast<int>(bk);
+  p.q_codes = static_cast<int8_t*>(q_codes.mutable_data_ptr());
+  p.q_scale = static_cast<float*>(q_scale.mutable_data_ptr());
+  p.k_codes = static_cast<int8_t*>(k_codes.mutable_data_ptr());
+  p.k_scale = static_cast<float*>(k_scale.mutable_data_ptr());
+  p.qk_bias = static_cast<float*>(qk_bias.mutable_data_ptr());
+  p.k_mean = static_cast<float*>(k_mean.mutable_data_ptr());
+  if (B * (Hq + Hkv) == 0) return {q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean};
+
+  // Scratch from the caching allocator (stream-ordered, capture-safe), freed when this returns.
+  const sale::QuantizeWorkspace ws = sale::quantize_workspace(p);
+  Tensor partial = new_empty(q, {ws.partial_doubles}, ScalarType::Double);
+  Tensor q_mean = new_empty(q, {ws.q_mean_floats}, ScalarType::Float);
+  p.partial = static_cast<double*>(partial.mutable_data_ptr());
+  p.q_mean = static_cast<float*>(q_mean.mutable_data_ptr());
+
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(q.get_device_index(), &stream));
+  const cudaError_t err = sale::launch_quantize(p, static_cast<cudaStream_t>(stream));
+  STD_TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+  return {q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean};
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(sale, CUDA, m) { m.impl("quantize", TORCH_BOX(&quantize_cuda)); }
