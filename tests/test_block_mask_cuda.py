@@ -116,3 +116,15 @@ def test_kernel_under_cuda_graph():
         got = torch.ops.sale.block_mask(q, k, *qz, tau, 64, 32, 128, 128**-0.5)
     g.replay()
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("d,bk,hq,hkv", [(128, 32, 8, 2), (64, 64, 6, 2), (128, 64, 3, 3), (64, 32, 7, 1)])
+def test_wgmma_and_mma_scorers_agree_exactly(monkeypatch, d, bk, hq, hkv):
+    """Both candidate scorers decide exactly from the same thresholds: identical masks."""
+    q, k, _ = make_qkv(2, hq, hkv, 3333, d, device="cuda", seed=d + bk)
+    tau = torch.logspace(-5, 0, hq, device="cuda")
+    qz = sale_ops.quantize(q, k, bk=bk)
+    mma = sale_ops.block_mask(q, k, tau, quantized=qz, bk=bk)
+    monkeypatch.setenv("SALE_OPS_ESTIMATOR", "wgmma")
+    wgmma = sale_ops.block_mask(q, k, tau, quantized=qz, bk=bk)
+    assert torch.equal(wgmma, mma)

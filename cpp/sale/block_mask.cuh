@@ -35,6 +35,7 @@ struct BlockMaskParams {
   int batch, q_heads, kv_heads, nq, nk, bk, window;
   int nQ, nK;
   float scale;
+  bool use_wgmma;  // score candidates with wgmma (block_mask_sm90.cuh) instead of mma.sync
 };
 
 constexpr int kBq = 64;
@@ -363,6 +364,9 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
   }
 }
 
+template <int D, int BK, int HEADS>
+__global__ void candidate_kernel_sm90(const BlockMaskParams p);  // block_mask_sm90.cuh
+
 template <typename T, int D, int BK>
 inline cudaError_t launch_block_mask_impl(const BlockMaskParams& p, cudaStream_t stream) {
   row_threshold_kernel<T, D><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
@@ -372,6 +376,12 @@ inline cudaError_t launch_block_mask_impl(const BlockMaskParams& p, cudaStream_t
   const int group = p.q_heads / p.kv_heads;
   const int heads = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
   const dim3 grid(p.nQ, p.q_heads / heads, p.batch);
+  if (p.use_wgmma) {  // one warpgroup per head; at most 2 per CTA keeps registers unspilled
+    const dim3 grid_wg(p.nQ, p.q_heads / (heads >= 2 ? 2 : 1), p.batch);
+    if (heads >= 2) candidate_kernel_sm90<D, BK, 2><<<grid_wg, 256, 0, stream>>>(p);
+    else candidate_kernel_sm90<D, BK, 1><<<grid_wg, 128, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
   if (heads == 4) candidate_kernel<D, BK, 4><<<grid, 256, 0, stream>>>(p);
   else if (heads == 2) candidate_kernel<D, BK, 2><<<grid, 128, 0, stream>>>(p);
   else candidate_kernel<D, BK, 1><<<grid, 64, 0, stream>>>(p);

@@ -8,8 +8,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "sale/block_mask.cuh"
+#include "sale/block_mask_sm90.cuh"
 
 namespace {
 
@@ -98,6 +101,10 @@ Tensor block_mask_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tenso
   p.batch = int(B), p.q_heads = int(Hq), p.kv_heads = int(Hkv), p.nq = int(Nq), p.nk = int(Nk);
   p.bk = int(bk), p.window = int(window), p.nQ = int(nQ), p.nK = int(nK);
   p.scale = float(scale);
+  // The mma.sync scorer is the faster one today (benchmarks/RESULTS.md); SALE_OPS_ESTIMATOR=wgmma
+  // selects the warpgroup-MMA scorer, which decides identically.
+  const char* estimator = std::getenv("SALE_OPS_ESTIMATOR");
+  p.use_wgmma = estimator && std::string(estimator) == "wgmma";
   const cudaError_t err = sale::launch_block_mask(p, dt == ScalarType::BFloat16, int(D), static_cast<cudaStream_t>(stream));
   STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   return mask;
