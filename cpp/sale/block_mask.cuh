@@ -196,6 +196,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
   constexpr int kPad = 16;                  // bytes: rows land on distinct banks for ldmatrix
   constexpr int kCopies = kStep * D / 16;  // 16-byte copies per step
   __shared__ __align__(16) int8_t ks[2][kStep][D + kPad];
+  __shared__ float sbias[2][HEADS][kStep];  // qk_bias of the step's keys, staged with the codes
 
   const int m = p.nQ - 1 - blockIdx.x;  // heaviest query blocks (most candidates) first
   const int b = blockIdx.z;
@@ -228,6 +229,12 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
       const int key = c / (D / 16), col = (c % (D / 16)) * 16;
       cp_async_16(&ks[buf][key][col], kc + int64_t(key0 + key) * D + col, 16);
     }
+    // Candidate keys all exist; bias rows start anywhere (Nk may be odd): 4-byte copies.
+    const int h0 = hk * group + (blockIdx.y % (group / HEADS)) * HEADS;
+    for (int c = threadIdx.x; c < HEADS * kStep; c += kThreadsC) {
+      cp_async_4(&sbias[buf][c / kStep][c % kStep],
+                 p.qk_bias + (int64_t(b) * p.q_heads + h0 + c / kStep) * p.nk + key0 + c % kStep, 4);
+    }
     cp_async_commit();
   };
   load_step(BK, 0);
@@ -259,7 +266,6 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
     for (int r = 0; r < 2; ++r)
       thr[mt][r] = rows[mt][r] < p.nq ? p.row_threshold[bh * p.nq + rows[mt][r]] : INFINITY;
   }
-  const float* bias = p.qk_bias + bh * p.nk + 2 * t;
   const float* kscale = p.k_scale + bhk * p.nk + 2 * t;
 
   for (int n = 1, step = 0; n < n_end; n += kBlocks, ++step) {
@@ -280,12 +286,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
     // bound straddles the threshold is decided again with exact division.
     const int key0 = n * BK;
     float d[2][kBlocks], rd[2][kBlocks], xmax[2][kBlocks];
-    float bj[kTiles][2];
-#pragma unroll
-    for (int nt = 0; nt < kTiles; ++nt) {
-      bj[nt][0] = bias[key0 + nt * 8];
-      bj[nt][1] = bias[key0 + nt * 8 + 1];
-    }
+    const float* bj = &sbias[buf][warp / 2][2 * t];  // column (nt, c) at bj[nt * 8 + c]
     int32_t acc[2][kTiles][4];
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
@@ -298,7 +299,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
 #pragma unroll
       for (int nt = 0; nt < kTiles; ++nt) {
         const int blk = nt / (BK / 8);
-        const float x0 = bj[nt][0] * rd[mt][blk], x1 = bj[nt][1] * rd[mt][blk];
+        const float x0 = bj[nt * 8] * rd[mt][blk], x1 = bj[nt * 8 + 1] * rd[mt][blk];
         xmax[mt][blk] = fmaxf(xmax[mt][blk], fmaxf(fabsf(x0), fabsf(x1)));
         acc[mt][nt][0] = acc[mt][nt][2] = approx_bias(x0);
         acc[mt][nt][1] = acc[mt][nt][3] = approx_bias(x1);
@@ -348,8 +349,8 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
           for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt) {
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
-              const int32_t approx_b = approx_bias(bj[nt][c] * rd[mt][blk]);
-              const float bb = rintf(__fdiv_rn(bj[nt][c], d[mt][blk]));
+              const int32_t approx_b = approx_bias(bj[nt * 8 + c] * rd[mt][blk]);
+              const float bb = rintf(__fdiv_rn(bj[nt * 8 + c], d[mt][blk]));
               exact[0] = fmaxf(exact[0], float(acc[mt][nt][c] - approx_b) + bb);
               exact[1] = fmaxf(exact[1], float(acc[mt][nt][2 + c] - approx_b) + bb);
             }
