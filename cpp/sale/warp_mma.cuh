@@ -82,4 +82,45 @@ __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { retu
 template <>
 __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
 
+// ldmatrix_x4 with .trans: lane (g, t) gets rows 2t, 2t+1 of column g of each 8x8 matrix. For
+// V stored [key][dim], the matrix at (keys k0.., dims n0..) gives exactly an f16/bf16 mma B
+// register (k = key, n = dim), so P.V needs no transposed copy of V.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+// Two floats rounded to nearest into one f16x2/bf16x2 register (lo in the low half): the
+// layout of an mma A/B fragment element pair and of two consecutive elements in memory.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// hi = pack2(x, y), lo = its rounding remainders packed the same way: hi + lo carries about 16
+// significant bits, so two mma on the same B fragments multiply at near-fp32 accuracy.
+template <typename T>
+__device__ __forceinline__ void pack2_split(float x, float y, uint32_t& hi, uint32_t& lo) {
+  hi = pack2<T>(x, y);
+  const T* h = reinterpret_cast<const T*>(&hi);
+  lo = pack2<T>(x - to_float(h[0]), y - to_float(h[1]));
+}
+
+// 2^x with the hardware approximation (rel. error ~2^-22); ex2(-inf) = +0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 }  // namespace sale

@@ -14,7 +14,7 @@ from . import reference as ref
 
 # Ops whose CUDA implementation is still the reference below; each CUDA kernel that lands takes
 # its op off this list and registers itself for the CUDA key in C++ (cpp/torch_bindings/*_cuda.cu).
-REFERENCE_ON_CUDA = ("block_sparse_attention",)
+REFERENCE_ON_CUDA = ()
 
 
 def _devices(op: str):

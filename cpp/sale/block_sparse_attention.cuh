@@ -1,0 +1,295 @@
+// SPEC §5 block-sparse attention on tensor cores (FlashAttention-2 style on mma.sync), torch-free.
+//
+// One CTA of 4 warps per (query block of 64 rows, query head, batch); warp w owns rows
+// 16w .. 16w + 15 and keeps their Q fragments in registers. The CTA compacts its mask row into
+// a list of kept key blocks in shared memory (kChunk entries at a time, in ascending order, so
+// the summation order and hence the result is deterministic) and walks the list in tiles of 64
+// keys: with bk = 32 a tile gathers two kept blocks wherever they lie, so every mma step works on
+// a full 64-key tile. K and V tiles are cp.async double-buffered; the softmax is online, in
+// fp32, with base-2 exponents and the scale folded in.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "sale/warp_mma.cuh"
+
+namespace sale {
+
+struct BlockSparseAttentionParams {
+  const void* q;  // [B, Hq, Nq, D] f16/bf16, rows 16-byte aligned, last dim contiguous
+  const void* k;  // [B, Hkv, Nk, D]
+  const void* v;  // [B, Hkv, Nk, D]
+  int64_t q_batch_stride, q_head_stride, q_row_stride;  // in elements
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  const uint8_t* mask;  // [B, Hq, nQ, nK] bool, any strides (expanded masks are fine)
+  int64_t mask_batch_stride, mask_head_stride, mask_row_stride, mask_col_stride;
+  void* out;   // [B, Hq, Nq, D] contiguous, dtype of q
+  float* lse;  // [B, Hq, Nq] contiguous
+  int batch, q_heads, kv_heads, nq, nk, nQ, nK;
+  float scale;
+  bool causal;  // bottom-right: row i sees keys j <= i + Nk - Nq
+};
+
+namespace bsa {
+
+constexpr int kRows = 64;  // bq
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kKeys = 64;     // keys per tile
+constexpr int kChunk = 2048;  // mask entries compacted per pass (a multiple of kThreads)
+constexpr int kPad = 8;       // elements (16 bytes): 8 consecutive rows hit distinct banks in ldmatrix
+
+template <typename T, int D>
+struct Smem {
+  T k[2][kKeys][D + kPad];
+  T v[2][kKeys][D + kPad];
+  int list[kChunk];         // kept key blocks of the current chunk, ascending
+  int warp_count[2][kWarps];  // double-buffered so one barrier per compaction round suffices
+};
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+template <typename T, int D, int BK>
+__global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(const BlockSparseAttentionParams p) {
+  constexpr int kPer = kKeys / BK;     // kept blocks per tile
+  constexpr int kRowChunks = D / 8;    // 16-byte pieces per row
+  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Smem<T, D>& sm = *reinterpret_cast<Smem<T, D>*>(smem_raw);
+
+  const int m = p.nQ - 1 - blockIdx.x;  // heaviest (causal: last) query blocks first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.q_heads / p.kv_heads);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int row0 = m * kRows + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
+  const int shift = p.nk - p.nq;               // causal: row i sees keys j <= i + shift
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const uint8_t* mask_row = p.mask + b * p.mask_batch_stride + h * p.mask_head_stride + m * p.mask_row_stride;
+
+  // A fragments of the warp's 16 query rows (rows past Nq are zero: finite, never stored).
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + 8 * r;
+        qa[kk][half * 2 + r] =
+            row < p.nq ? *reinterpret_cast<const uint32_t*>(q + row * p.q_row_stride + kk * 16 + half * 8 + 2 * t) : 0u;
+      }
+
+  float acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // row_sum: this thread's part
+  const float sl2 = p.scale * kLog2e;
+
+  // Causal: blocks starting at or past the last row's end are invisible to the whole query block.
+  const int n_end = p.causal ? min(p.nK, (min((m + 1) * kRows, p.nq) + shift + BK - 1) / BK) : p.nK;
+  const int first_row_end = m * kRows + shift;  // last key the block's first row sees
+
+  for (int c0 = 0; c0 < n_end; c0 += kChunk) {
+    const int c1 = min(c0 + kChunk, n_end);
+    // Stream compaction of mask[c0, c1): one entry per thread per round, ballot + warp counts.
+    int count = 0;
+    for (int base = c0, round = 0; base < c1; base += kThreads, ++round) {
+      const int n = base + tid;
+      const bool kept = n < c1 && mask_row[n * p.mask_col_stride] != 0;
+      const unsigned ballot = __ballot_sync(0xffffffffu, kept);
+      if (lane == 0) sm.warp_count[round & 1][warp] = __popc(ballot);
+      __syncthreads();
+      int before = count, total = 0;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const int cw = sm.warp_count[round & 1][w];
+        total += cw;
+        before += w < warp ? cw : 0;
+      }
+      if (kept) sm.list[before + __popc(ballot & ((1u << lane) - 1u))] = n;
+      count += total;
+    }
+    __syncthreads();
+    const int tiles = (count + kPer - 1) / kPer;
+
+    // Tile `tile` = list entries [tile * kPer, tile * kPer + kPer); missing blocks and keys past
+    // Nk are zero-filled (P = 0 times V = 0: no NaN from stale shared memory).
+    auto load_tile = [&](int tile, int buf) {
+#pragma unroll
+      for (int c = tid; c < kKeys * kRowChunks; c += kThreads) {
+        const int slot = c / kRowChunks, col = (c % kRowChunks) * 8;
+        const int e = tile * kPer + slot / BK;
+        const int key = e < count ? sm.list[e] * BK + slot % BK : p.nk;
+        const bool in = key < p.nk;
+        cp_async_16(&sm.k[buf][slot][col], k + (in ? key * p.k_row_stride + col : 0), in ? 16 : 0);
+        cp_async_16(&sm.v[buf][slot][col], v + (in ? key * p.v_row_stride + col : 0), in ? 16 : 0);
+      }
+      cp_async_commit();
+    };
+    if (tiles > 0) load_tile(0, 0);
+
+    for (int it = 0; it < tiles; ++it) {
+      const int buf = it & 1;
+      if (it + 1 < tiles) {
+        load_tile(it + 1, buf ^ 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+
+      // S = Q K^T for the warp's 16 rows x 64 keys; one ldmatrix.x4 = B of two n8 tiles.
+      float s[kKeys / 8][4];
+#pragma unroll
+      for (int i = 0; i < kKeys / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+        for (int np = 0; np < kKeys / 16; ++np) {
+          uint32_t bf[4];
+          ldmatrix_x4(bf, &sm.k[buf][np * 16 + (lane & 7) + (lane >> 4) * 8][kk * 16 + ((lane >> 3) & 1) * 8]);
+          mma_16x8x16<T>(s[2 * np], qa[kk], {bf[0], bf[1]});
+          mma_16x8x16<T>(s[2 * np + 1], qa[kk], {bf[2], bf[3]});
+        }
+
+      // Element masks only on tiles that need them: a missing block, keys past Nk, or keys past
+      // the first row's causal end.
+      int key0[kPer];
+      bool need_mask = false;
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int e = it * kPer + i;
+        key0[i] = e < count ? sm.list[e] * BK : p.nk;
+        need_mask |= key0[i] + BK > p.nk || (p.causal && key0[i] + BK - 1 > first_row_end);
+      }
+      if (need_mask) {
+#pragma unroll
+        for (int nt = 0; nt < kKeys / 8; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int j = key0[nt * 8 / BK] + (nt * 8) % BK + 2 * t + c;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const bool visible = j < p.nk && (!p.causal || j <= row0 + 8 * r + shift);
+              if (!visible) s[nt][2 * r + c] = -INFINITY;
+            }
+          }
+      }
+
+      // Online softmax. A row with nothing visible yet keeps max -inf: its exponent base is
+      // taken as 0 so every term is exp2(-inf) = 0, never (-inf) - (-inf).
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[r];
+#pragma unroll
+        for (int nt = 0; nt < kKeys / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+        mx = quad_max(mx);
+        const float base = mx == -INFINITY ? 0.f : mx * sl2;
+        const float alpha = fast_exp2(row_max[r] * sl2 - base);
+        row_max[r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kKeys / 8; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const float e = fast_exp2(fmaf(s[nt][2 * r + c], sl2, -base));
+            s[nt][2 * r + c] = e;
+            sum += e;
+          }
+        row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          acc[dt][2 * r] *= alpha;
+          acc[dt][2 * r + 1] *= alpha;
+        }
+      }
+
+      // O += P V: the S accumulators of n8 tiles 2kk, 2kk + 1 are the A fragment of k16 step kk.
+      // P goes in as hi + lo parts of the input dtype (two mma on the same V fragments): SPEC §7
+      // bounds every element by the input-dtype reference's own error, which can be ~0, so the
+      // output must round like the exact result; P rounded once to bf16 (2^-9) is too coarse.
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk) {
+        uint32_t hi[4], lo[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)  // a_i: row g + 8 (i % 2), n8 tile 2kk + i / 2
+          pack2_split<T>(s[2 * kk + i / 2][2 * (i % 2)], s[2 * kk + i / 2][2 * (i % 2) + 1], hi[i], lo[i]);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          uint32_t bf[4];
+          ldmatrix_x4_trans(bf, &sm.v[buf][kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][dp * 16 + (lane >> 4) * 8]);
+          mma_16x8x16<T>(acc[2 * dp], hi, {bf[0], bf[1]});
+          mma_16x8x16<T>(acc[2 * dp + 1], hi, {bf[2], bf[3]});
+          mma_16x8x16<T>(acc[2 * dp], lo, {bf[0], bf[1]});
+          mma_16x8x16<T>(acc[2 * dp + 1], lo, {bf[2], bf[3]});
+        }
+      }
+      __syncthreads();  // this buffer (and the list, after the last tile) is overwritten next
+    }
+  }
+
+  // Epilogue: out = acc / l (0 for a row that saw nothing), lse = ln sum exp(scale q.k).
+  T* out = static_cast<T*>(p.out) + (int64_t(b) * p.q_heads + h) * p.nq * D;
+  float* lse = p.lse + (int64_t(b) * p.q_heads + h) * p.nq;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + 8 * r;
+    const float l = quad_sum(row_sum[r]);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    if (row < p.nq) {
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<uint32_t*>(out + int64_t(row) * D + dt * 8 + 2 * t) =
+            pack2<T>(acc[dt][2 * r] * inv, acc[dt][2 * r + 1] * inv);
+      if (t == 0) lse[row] = l > 0.f ? fmaf(row_max[r] * sl2, kLn2, logf(l)) : -INFINITY;
+    }
+  }
+}
+
+template <typename T, int D, int BK>
+inline cudaError_t launch_block_sparse_attention_impl(const BlockSparseAttentionParams& p, cudaStream_t stream) {
+  auto kernel = block_sparse_attention_kernel<T, D, BK>;
+  constexpr int smem = int(sizeof(Smem<T, D>));
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(p.nQ, p.q_heads, p.batch), kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace bsa
+
+// Dispatch on dtype (is_bf16), head dim (64/128) and key block (32/64); the caller validated
+// them (bq = 64, Hq % Hkv == 0, rows 16-byte aligned, grid limits).
+inline cudaError_t launch_block_sparse_attention(const BlockSparseAttentionParams& p, bool is_bf16, int head_dim,
+                                                 int bk, cudaStream_t stream) {
+#define SALE_BSA_CASE(T, D, BK) \
+  if (head_dim == D && bk == BK) return bsa::launch_block_sparse_attention_impl<T, D, BK>(p, stream);
+  if (is_bf16) {
+    SALE_BSA_CASE(__nv_bfloat16, 64, 32)
+    SALE_BSA_CASE(__nv_bfloat16, 64, 64)
+    SALE_BSA_CASE(__nv_bfloat16, 128, 32)
+    SALE_BSA_CASE(__nv_bfloat16, 128, 64)
+  } else {
+    SALE_BSA_CASE(__half, 64, 32)
+    SALE_BSA_CASE(__half, 64, 64)
+    SALE_BSA_CASE(__half, 128, 32)
+    SALE_BSA_CASE(__half, 128, 64)
+  }
+#undef SALE_BSA_CASE
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace sale

@@ -1,0 +1,152 @@
+// sale::launch_block_sparse_attention against a double-precision host reference on small shapes
+// (no libtorch). Exit 0: pass, 1: fail, 77: no CUDA device (ctest SKIP_RETURN_CODE).
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "sale/block_sparse_attention.cuh"
+
+namespace {
+
+struct Case {
+  int batch, q_heads, kv_heads, nq, nk, d, bk;
+  bool causal, bf16;
+};
+
+float to_host_float(__half x) { return __half2float(x); }
+float to_host_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+T from_float(float x);
+template <>
+__half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+#define CUDA_OK(x)                                                                  \
+  do {                                                                              \
+    cudaError_t e_ = (x);                                                           \
+    if (e_ != cudaSuccess) {                                                        \
+      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
+      std::exit(1);                                                                 \
+    }                                                                               \
+  } while (0)
+
+template <typename T>
+T* to_device(const std::vector<T>& h) {
+  T* d = nullptr;
+  CUDA_OK(cudaMalloc(&d, h.size() * sizeof(T)));
+  CUDA_OK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+template <typename T>
+int run_case(const Case& c, std::mt19937& rng) {
+  const int B = c.batch, Hq = c.q_heads, Hkv = c.kv_heads, Nq = c.nq, Nk = c.nk, D = c.d, bk = c.bk;
+  const int nQ = (Nq + 63) / 64, nK = (Nk + bk - 1) / bk;
+  std::normal_distribution<float> normal;
+  std::vector<T> q(size_t(B) * Hq * Nq * D), k(size_t(B) * Hkv * Nk * D), v(k.size());
+  for (auto* x : {&q, &k, &v})
+    for (T& e : *x) e = from_float<T>(normal(rng));
+  std::vector<uint8_t> mask(size_t(B) * Hq * nQ * nK);
+  for (auto& e : mask) e = rng() % 3 == 0;
+  for (int n = 0; n < nK; ++n) mask[n] = 0;  // (b 0, h 0) query block 0 keeps nothing: empty rows
+  const float scale = 1.f / std::sqrt(float(D));
+
+  sale::BlockSparseAttentionParams p{};
+  p.q = to_device(q), p.k = to_device(k), p.v = to_device(v);
+  p.q_row_stride = D, p.q_head_stride = int64_t(Nq) * D, p.q_batch_stride = int64_t(Hq) * Nq * D;
+  p.k_row_stride = p.v_row_stride = D;
+  p.k_head_stride = p.v_head_stride = int64_t(Nk) * D;
+  p.k_batch_stride = p.v_batch_stride = int64_t(Hkv) * Nk * D;
+  p.mask = to_device(mask);
+  p.mask_col_stride = 1, p.mask_row_stride = nK, p.mask_head_stride = int64_t(nQ) * nK;
+  p.mask_batch_stride = int64_t(Hq) * nQ * nK;
+  std::vector<T> out(q.size());
+  std::vector<float> lse(size_t(B) * Hq * Nq);
+  T* out_d = nullptr;
+  float* lse_d = nullptr;
+  CUDA_OK(cudaMalloc(&out_d, out.size() * sizeof(T)));
+  CUDA_OK(cudaMalloc(&lse_d, lse.size() * sizeof(float)));
+  CUDA_OK(cudaMemset(out_d, 0xff, out.size() * sizeof(T)));  // NaN: every element must be written
+  CUDA_OK(cudaMemset(lse_d, 0xff, lse.size() * sizeof(float)));
+  p.out = out_d, p.lse = lse_d;
+  p.batch = B, p.q_heads = Hq, p.kv_heads = Hkv, p.nq = Nq, p.nk = Nk, p.nQ = nQ, p.nK = nK;
+  p.scale = scale, p.causal = c.causal;
+  CUDA_OK(sale::launch_block_sparse_attention(p, c.bf16, D, bk, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  CUDA_OK(cudaMemcpy(out.data(), out_d, out.size() * sizeof(T), cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(lse.data(), lse_d, lse.size() * sizeof(float), cudaMemcpyDeviceToHost));
+
+  // Host reference in double from the rounded inputs. Tolerance: a few output ulps (P is rounded
+  // to the input dtype before P.V) plus the output's own rounding.
+  const double tol = c.bf16 ? 3e-2 : 4e-3;
+  int bad = 0;
+  double worst = 0, worst_lse = 0;
+  std::vector<double> s(Nk), o(D);
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < Hq; ++h)
+      for (int i = 0; i < Nq; ++i) {
+        const int hk = h / (Hq / Hkv);
+        const T* qi = &q[((size_t(b) * Hq + h) * Nq + i) * D];
+        double mx = -INFINITY;
+        for (int j = 0; j < Nk; ++j) {
+          const bool kept = mask[((size_t(b) * Hq + h) * nQ + i / 64) * nK + j / bk];
+          const bool visible = kept && (!c.causal || j <= i + Nk - Nq);
+          double dot = 0;
+          const T* kj = &k[((size_t(b) * Hkv + hk) * Nk + j) * D];
+          for (int e = 0; e < D; ++e) dot += double(to_host_float(qi[e])) * to_host_float(kj[e]);
+          s[j] = visible ? dot * scale : -INFINITY;
+          mx = std::fmax(mx, s[j]);
+        }
+        double l = 0;
+        for (int e = 0; e < D; ++e) o[e] = 0;
+        for (int j = 0; j < Nk; ++j) {
+          if (s[j] == -INFINITY) continue;
+          const double w = std::exp(s[j] - mx);
+          l += w;
+          for (int e = 0; e < D; ++e) o[e] += w * to_host_float(v[((size_t(b) * Hkv + hk) * Nk + j) * D + e]);
+        }
+        const size_t row = (size_t(b) * Hq + h) * Nq + i;
+        const double want_lse = l > 0 ? mx + std::log(l) : -INFINITY;
+        const float got_lse = lse[row];
+        const bool lse_ok = l > 0 ? std::fabs(got_lse - want_lse) <= 1e-3 : got_lse == -INFINITY;
+        if (l > 0) worst_lse = std::fmax(worst_lse, std::fabs(got_lse - want_lse));
+        bool ok = lse_ok;
+        for (int e = 0; e < D; ++e) {
+          const double want = l > 0 ? o[e] / l : 0.0, got = to_host_float(out[row * D + e]);
+          const double err = std::fabs(got - want);  // NaN fails the comparison below
+          if (!(err <= tol * (1 + std::fabs(want)))) ok = false;
+          if (err == err) worst = std::fmax(worst, err);
+        }
+        if (!ok && bad++ < 5)
+          std::printf("  mismatch at b=%d h=%d row=%d: lse %f vs %f\n", b, h, i, got_lse, want_lse);
+      }
+  std::printf("%s B=%d Hq=%d Hkv=%d Nq=%d Nk=%d D=%d bk=%d causal=%d: max |out err| %.2e, max |lse err| %.2e, %d bad rows\n",
+              c.bf16 ? "bf16" : "fp16", B, Hq, Hkv, Nq, Nk, D, bk, int(c.causal), worst, worst_lse, bad);
+  for (const void* ptr : {p.q, p.k, p.v, static_cast<const void*>(p.mask)}) CUDA_OK(cudaFree(const_cast<void*>(ptr)));
+  CUDA_OK(cudaFree(out_d));
+  CUDA_OK(cudaFree(lse_d));
+  return bad == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main() {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("SKIP: no CUDA device\n");
+    return 77;
+  }
+  std::mt19937 rng(1234);
+  const Case cases[] = {
+      {1, 4, 2, 100, 130, 64, 32, true, false},  {2, 3, 1, 70, 70, 128, 64, true, true},
+      {1, 2, 2, 130, 45, 128, 32, false, false}, {1, 7, 1, 1, 300, 64, 64, true, true},
+      {1, 2, 1, 200, 200, 128, 32, true, false},
+  };
+  int failed = 0;
+  for (const Case& c : cases) failed += c.bf16 ? run_case<__nv_bfloat16>(c, rng) : run_case<__half>(c, rng);
+  std::printf(failed ? "FAILED: %d case(s)\n" : "PASSED\n", failed);
+  return failed ? 1 : 0;
+}

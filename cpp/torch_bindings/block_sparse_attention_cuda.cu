@@ -1,0 +1,122 @@
+// torch.ops.sale.block_sparse_attention on CUDA (sm_90a): the stable-ABI entry around
+// cpp/sale/block_sparse_attention.cuh.
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+#include "sale/block_sparse_attention.cuh"
+
+namespace {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+constexpr const char* kOp = "sale.block_sparse_attention";
+constexpr int64_t kMaxLen = int64_t(1) << 30;  // key/row indices are int in the kernel
+
+void check_cuda_tensor(const Tensor& t, const char* name, const Tensor& like) {
+  STD_TORCH_CHECK(t.is_cuda(), kOp, ": argument '", name, "' must be a CUDA tensor");
+  STD_TORCH_CHECK(t.get_device_index() == like.get_device_index(), kOp, ": argument '", name,
+                     "' is on device cuda:", t.get_device_index(), " but 'q' is on cuda:", like.get_device_index());
+  STD_TORCH_CHECK(t.dim() == 4, kOp, ": argument '", name, "' must have 4 dimensions, got ", t.dim());
+}
+
+// The kernel reads 4- and 16-byte vectors: rows must start on 16-byte boundaries.
+void check_vector_aligned(const Tensor& t, const char* name) {
+  STD_TORCH_CHECK(t.stride(3) == 1, kOp, ": argument '", name, "' must have a contiguous last dimension, got stride ",
+                     t.stride(3));
+  const bool aligned = reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 &&
+                       t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
+  STD_TORCH_CHECK(aligned, kOp, ": argument '", name,
+                     "' must start on a 16-byte boundary with batch/head/row strides that are multiples of 8 "
+                     "elements; call .contiguous() first");
+}
+
+std::tuple<Tensor, Tensor> block_sparse_attention_cuda(Tensor q, Tensor k, Tensor v, Tensor block_mask, int64_t bq,
+                                                       int64_t bk, double scale, bool causal) {
+  check_cuda_tensor(q, "q", q);
+  check_cuda_tensor(k, "k", q);
+  check_cuda_tensor(v, "v", q);
+  check_cuda_tensor(block_mask, "block_mask", q);
+  const ScalarType dt = q.scalar_type();
+  STD_TORCH_CHECK(dt == ScalarType::BFloat16 || dt == ScalarType::Half, kOp, ": argument 'q' has dtype ", dt,
+                     "; supported: float16, bfloat16");
+  STD_TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, kOp, ": arguments 'k' (", k.scalar_type(),
+                     ") and 'v' (", v.scalar_type(), ") must have the dtype of 'q' (", dt, ")");
+  STD_TORCH_CHECK(block_mask.scalar_type() == ScalarType::Bool, kOp, ": argument 'block_mask' has dtype ",
+                     block_mask.scalar_type(), "; supported: bool");
+
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2);
+  STD_TORCH_CHECK(k.size(0) == B && k.size(3) == D, kOp, ": argument 'k' must be [B, Hkv, Nk, D] with B=", B,
+                     " and D=", D, " of 'q', got [", k.size(0), ", ", Hkv, ", ", Nk, ", ", k.size(3), "]");
+  STD_TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, kOp, ": query heads must be a multiple of kv heads, got Hq=", Hq,
+                     " ('q') and Hkv=", Hkv, " ('k')");
+  for (int d = 0; d < 4; ++d) {
+    STD_TORCH_CHECK(v.size(d) == k.size(d), kOp, ": argument 'v' must have the shape of 'k'; dim ", d, " is ",
+                       v.size(d), ", not ", k.size(d));
+  }
+  STD_TORCH_CHECK(D == 64 || D == 128, kOp, ": argument 'q' has head dim ", D, "; supported: 64, 128");
+  STD_TORCH_CHECK(bq == 64, kOp, ": argument 'bq' is ", bq, "; supported: 64");
+  STD_TORCH_CHECK(bk == 32 || bk == 64, kOp, ": argument 'bk' is ", bk, "; supported: 32, 64");
+  STD_TORCH_CHECK(std::isfinite(scale) && scale > 0, kOp, ": argument 'scale' is ", scale,
+                     "; it must be a finite number > 0");
+  STD_TORCH_CHECK(Nq >= 1 && Nk >= 1, kOp, ": empty sequence: 'q' has Nq=", Nq, ", 'k' has Nk=", Nk,
+                     "; both must be >= 1");
+  STD_TORCH_CHECK(!causal || Nq <= Nk, kOp, ": causal attention needs Nq <= Nk (queries are the last Nq positions), got Nq=",
+                     Nq, " ('q') and Nk=", Nk, " ('k')");
+  STD_TORCH_CHECK(Nq <= kMaxLen && Nk <= kMaxLen, kOp, ": sequence too long: Nq=", Nq, ", Nk=", Nk,
+                     "; supported: up to 2^30");
+  STD_TORCH_CHECK(B <= 65535 && Hq <= 65535, kOp, ": batch (", B, ") and query heads (", Hq,
+                     ") must each be at most 65535");
+  const int64_t nQ = (Nq + bq - 1) / bq, nK = (Nk + bk - 1) / bk;
+  STD_TORCH_CHECK(block_mask.size(0) == B && block_mask.size(1) == Hq && block_mask.size(2) == nQ &&
+                         block_mask.size(3) == nK,
+                     kOp, ": argument 'block_mask' must have shape [B, Hq, ceil(Nq/bq), ceil(Nk/bk)] = [", B, ", ", Hq,
+                     ", ", nQ, ", ", nK, "], got [", block_mask.size(0), ", ", block_mask.size(1), ", ",
+                     block_mask.size(2), ", ", block_mask.size(3), "]");
+  check_vector_aligned(q, "q");
+  check_vector_aligned(k, "k");
+  check_vector_aligned(v, "v");
+
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(q.get_device_index(), &stream));
+
+  Tensor out = torch::stable::new_empty(q, {B, Hq, Nq, D}, dt);
+  Tensor lse = torch::stable::new_empty(q, {B, Hq, Nq}, ScalarType::Float);
+
+  sale::BlockSparseAttentionParams p{};
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
+  p.mask = static_cast<const uint8_t*>(block_mask.const_data_ptr());
+  p.mask_batch_stride = block_mask.stride(0), p.mask_head_stride = block_mask.stride(1);
+  p.mask_row_stride = block_mask.stride(2), p.mask_col_stride = block_mask.stride(3);
+  p.out = out.mutable_data_ptr();
+  p.lse = static_cast<float*>(lse.mutable_data_ptr());
+  p.batch = int(B), p.q_heads = int(Hq), p.kv_heads = int(Hkv), p.nq = int(Nq), p.nk = int(Nk);
+  p.nQ = int(nQ), p.nK = int(nK);
+  p.scale = float(scale);
+  p.causal = causal;
+  const cudaError_t err = sale::launch_block_sparse_attention(p, dt == ScalarType::BFloat16, int(D), int(bk),
+                                                              static_cast<cudaStream_t>(stream));
+  STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
+  return std::make_tuple(out, lse);
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(sale, CUDA, m) {
+  m.impl("block_sparse_attention", TORCH_BOX(&block_sparse_attention_cuda));
+}
