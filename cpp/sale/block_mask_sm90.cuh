@@ -28,19 +28,18 @@ template <int kStep>
 struct WgmmaS8;
 template <>
 struct WgmmaS8<64> { using Op = cute::SM90::GMMA::MMA_64x64x32_S32S8S8_RS_TN; };
-template <>
-struct WgmmaS8<128> { using Op = cute::SM90::GMMA::MMA_64x128x32_S32S8S8_RS_TN; };
 
 template <int D, int BK, int HEADS>
 __global__ void __launch_bounds__(128 * HEADS, 1) candidate_kernel_sm90(const BlockMaskParams p) {
   using namespace cute;
-  constexpr int kStep = 128;               // keys per wgmma group
+  constexpr int kStep = 64;                // keys per wgmma group (m64n64k32)
   constexpr int kBlocks = kStep / BK;      // candidate blocks per step
   constexpr int kThreadsC = 128 * HEADS;
-  constexpr int kStages = 2;
+  constexpr int kStages = 3;               // copying s + 1, multiplying s, epilogue of s - 1
   using SmemLayout = decltype(tile_to_shape(KCodeSmemAtom<D>{}, Shape<Int<kStep>, Int<D>>{}));
   __shared__ __align__(1024) int8_t smem[kStages][kStep * D];
   __shared__ float sbias[kStages][HEADS][kStep];  // qk_bias of the step's keys, per head
+  __shared__ float sscale[kStages][kStep];         // k_scale of the step's keys
 
   const int m = p.nQ - 1 - blockIdx.x;  // heaviest query blocks first
   const int b = blockIdx.z;
@@ -83,9 +82,12 @@ __global__ void __launch_bounds__(128 * HEADS, 1) candidate_kernel_sm90(const Bl
       const float* src = p.qk_bias + (int64_t(b) * p.q_heads + h0 + hh) * p.nk + (in ? key0 + key : 0);
       cp_async_4(&sbias[stage][hh][key], src, in ? 4 : 0);
     }
+    for (int key = threadIdx.x; key < kStep; key += kThreadsC) {
+      const bool in = key0 + key < p.nk;
+      cp_async_4(&sscale[stage][key], p.k_scale + bhk * p.nk + (in ? key0 + key : 0), in ? 4 : 0);
+    }
     cp_async_commit();
   };
-  load_step(BK, 0);
 
   auto tiled_mma = make_tiled_mma(typename WgmmaS8<kStep>::Op{});
   auto thr_mma = tiled_mma.get_slice(tid);
@@ -105,43 +107,41 @@ __global__ void __launch_bounds__(128 * HEADS, 1) candidate_kernel_sm90(const Bl
   const float sq = rows[0] < p.nq ? p.q_scale[bh * p.nq + rows[0]] : 1.f;
   float thr[2];
   for (int r = 0; r < 2; ++r) thr[r] = rows[r] < p.nq ? p.row_threshold[bh * p.nq + rows[r]] : INFINITY;
-  const float* kscale = p.k_scale + bhk * p.nk + 2 * t;
 
-  Tensor acc = partition_fragment_C(tiled_mma, Shape<Int<kBq>, Int<kStep>>{});  // (V, 1, 1) int32
-  static_assert(decltype(size(acc))::value == kStep / 2, "64 x kStep over 128 threads");
+  // Software pipeline over steps of kStep keys with two accumulators: while the tensor cores
+  // multiply step s, the warpgroup runs the epilogue of step s - 1.
+  using Acc = decltype(partition_fragment_C(tiled_mma, Shape<Int<kBq>, Int<kStep>>{}));
+  static_assert(decltype(size(Acc{}))::value == kStep / 2, "64 x kStep over 128 threads");
+  struct StepState {
+    float d[kBlocks], rd[kBlocks], xmax[kBlocks];
+  };
+  const int steps = (n_end - 1 + kBlocks - 1) / kBlocks;  // candidates 1 .. n_end - 1
 
-  for (int n = 1, step = 0; n < n_end; n += kBlocks, ++step) {
-    const int stage = step % kStages;
-    if (n + kBlocks < n_end) {
-      load_step((n + kBlocks) * BK, (step + 1) % kStages);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+  // Wait for step s's copies, refill the stage freed two steps ago, start step s's wgmma.
+  auto issue = [&](int s, Acc& acc, StepState& st) {
+    const int stage = s % kStages;
+    cp_async_wait<0>();
     // cp.async writes are generic-proxy writes; wgmma reads through the async proxy.
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();
-
+    __syncthreads();  // also: every warpgroup has finished step s - 2 (its stage is free)
+    if (s + 1 < steps) load_step((1 + (s + 1) * kBlocks) * BK, (s + 1) % kStages);
+    else cp_async_commit();  // an empty group keeps the wait counts uniform
     // Accumulators start at b~_j = rint(bias_j / d) (approximate; see block_mask.cuh), so the
     // tensor cores add the bias and the epilogue is one integer max per element.
-    const int key0 = n * BK;
-    float d[kBlocks], rd[kBlocks], xmax[kBlocks];
     CUTE_UNROLL
     for (int blk = 0; blk < kBlocks; ++blk) {
-      const bool real = key0 + blk * BK + 2 * t < p.nk;
-      d[blk] = sq * (real ? kscale[key0 + blk * BK] : 1.f);
-      rd[blk] = __frcp_rn(d[blk]);
-      xmax[blk] = 0.f;
+      st.d[blk] = sq * sscale[stage][blk * BK + 2 * t];  // 1.0 x sq past Nk: never candidates
+      st.d[blk] = st.d[blk] > 0.f ? st.d[blk] : sq;
+      st.rd[blk] = __frcp_rn(st.d[blk]);
+      st.xmax[blk] = 0.f;
     }
-    // Bias of this thread's column (nt, c), staged with the key codes.
-    auto bias_at = [&](int nt, int c) { return sbias[stage][wg][nt * 8 + 2 * t + c]; };
     CUTE_UNROLL
     for (int nt = 0; nt < kStep / 8; ++nt) {
       const int blk = nt / (BK / 8);
       CUTE_UNROLL
       for (int c = 0; c < 2; ++c) {
-        const float x = bias_at(nt, c) * rd[blk];
-        xmax[blk] = fmaxf(xmax[blk], fabsf(x));
+        const float x = sbias[stage][wg][nt * 8 + 2 * t + c] * st.rd[blk];
+        st.xmax[blk] = fmaxf(st.xmax[blk], fabsf(x));
         acc(nt * 4 + c) = acc(nt * 4 + 2 + c) = approx_bias(x);
       }
     }
@@ -151,9 +151,12 @@ __global__ void __launch_bounds__(128 * HEADS, 1) candidate_kernel_sm90(const Bl
     warpgroup_arrive();
     gemm(tiled_mma, tCrA, tCrB, acc);
     warpgroup_commit_batch();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc);
+  };
 
+  // Decide the candidate blocks of step s from its finished accumulators.
+  auto finish = [&](int s, Acc& acc, const StepState& st) {
+    warpgroup_fence_operand(acc);
+    const int stage = s % kStages, n = 1 + s * kBlocks;
     CUTE_UNROLL
     for (int blk = 0; blk < kBlocks; ++blk) {
       int32_t best[2] = {acc(blk * (BK / 8) * 4), acc(blk * (BK / 8) * 4 + 2)};
@@ -162,14 +165,14 @@ __global__ void __launch_bounds__(128 * HEADS, 1) candidate_kernel_sm90(const Bl
         best[0] = max(best[0], max(acc(nt * 4), acc(nt * 4 + 1)));
         best[1] = max(best[1], max(acc(nt * 4 + 2), acc(nt * 4 + 3)));
       }
-      const bool small = xmax[blk] < 2097152.f;
+      const bool small = st.xmax[blk] < 2097152.f;
       bool hit = false, unsure = !small;
       CUTE_UNROLL
       for (int r = 0; r < 2; ++r) {
         const float v = float(best[r]);
-        const bool surely = small && (v - 1.f) * d[blk] > thr[r];
+        const bool surely = small && (v - 1.f) * st.d[blk] > thr[r];
         hit |= surely;
-        unsure |= !surely && (v + 1.f) * d[blk] > thr[r];
+        unsure |= !surely && (v + 1.f) * st.d[blk] > thr[r];
       }
       if (__any_sync(0xffffffffu, unsure) && unsure) {
         float exact[2] = {-INFINITY, -INFINITY};
@@ -177,20 +180,36 @@ __global__ void __launch_bounds__(128 * HEADS, 1) candidate_kernel_sm90(const Bl
         for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt) {
           CUTE_UNROLL
           for (int c = 0; c < 2; ++c) {
-            const float bj = bias_at(nt, c);
-            const int32_t approx_b = approx_bias(bj * rd[blk]);
-            const float bb = rintf(__fdiv_rn(bj, d[blk]));
+            const float bj = sbias[stage][wg][nt * 8 + 2 * t + c];
+            const int32_t approx_b = approx_bias(bj * st.rd[blk]);
+            const float bb = rintf(__fdiv_rn(bj, st.d[blk]));
             exact[0] = fmaxf(exact[0], float(acc(nt * 4 + c) - approx_b) + bb);
             exact[1] = fmaxf(exact[1], float(acc(nt * 4 + 2 + c) - approx_b) + bb);
           }
         }
-        hit = exact[0] * d[blk] > thr[0] || exact[1] * d[blk] > thr[1];
+        hit = exact[0] * st.d[blk] > thr[0] || exact[1] * st.d[blk] > thr[1];
       }
       // Any warp of the head may set the flag: the same value, so the race is benign.
       if (__any_sync(0xffffffffu, hit) && lane == 0 && n + blk < n_end) mask_row[n + blk] = true;
     }
-    __syncthreads();  // the stage is refilled next step
+  };
+
+  // The loop issues and retires wgmma groups in a fixed pattern (no branch around them, so
+  // ptxas keeps them asynchronous); steps past the last one multiply stale shared memory and
+  // their results are dropped by finish.
+  Acc acc0, acc1;
+  StepState st0, st1;
+  load_step(BK, 0);
+  issue(0, acc0, st0);
+  for (int s = 0; s < steps; s += 2) {
+    issue(s + 1, acc1, st1);
+    warpgroup_wait<1>();
+    finish(s, acc0, st0);
+    issue(s + 2, acc0, st0);
+    warpgroup_wait<1>();
+    if (s + 1 < steps) finish(s + 1, acc1, st1);
   }
+  warpgroup_wait<0>();
 }
 
 }  // namespace sale
