@@ -180,6 +180,17 @@ __global__ void __launch_bounds__(kThreads) row_threshold_kernel(const BlockMask
 // Kernel 2: candidate blocks against the thresholds.
 // ------------------------------------------------------------------------------------------
 
+// The mask rows of query block m for heads h0 .. h0 + heads - 1: the dense set kept, every other
+// block cleared (the candidate scorers then set the kept candidates).
+__device__ __forceinline__ void init_mask_rows(const BlockMaskParams& p, int b, int h0, int heads, int m,
+                                               int first_window, int last_causal) {
+  for (int i = threadIdx.x; i < heads * p.nK; i += blockDim.x) {
+    const int n = i % p.nK;
+    p.mask[((int64_t(b) * p.q_heads + h0 + i / p.nK) * p.nQ + m) * p.nK + n] =
+        n == 0 || (n >= first_window && n <= last_causal);
+  }
+}
+
 // Bias in code units, b~ = rint(x), as the accumulator's start value; 0 where |x| >= 2^21 so
 // that E + b~ cannot overflow (such blocks are always decided on the exact path).
 __device__ __forceinline__ int32_t approx_bias(float x) { return fabsf(x) < 2097152.f ? __float2int_rn(x) : 0; }
@@ -202,8 +213,9 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
   const int b = blockIdx.z;
   const int group = p.q_heads / p.kv_heads;
   const int hk = blockIdx.y / (group / HEADS);
+  const int h0 = hk * group + (blockIdx.y % (group / HEADS)) * HEADS;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int h = hk * group + (blockIdx.y % (group / HEADS)) * HEADS + warp / 2;
+  const int h = h0 + warp / 2;
   const int64_t bh = int64_t(b) * p.q_heads + h;
   const int64_t bhk = int64_t(b) * p.kv_heads + hk;
 
@@ -211,11 +223,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
   const int first_window = window_first_block(p, e);
   const int last_causal = (e - 1) / BK;
 
-  // The mask rows of the CTA's heads: dense blocks kept, the rest cleared (candidates below).
-  for (int i = threadIdx.x; i < HEADS * p.nK; i += kThreadsC) {
-    const int hh = hk * group + (blockIdx.y % (group / HEADS)) * HEADS + i / p.nK, n = i % p.nK;
-    p.mask[((int64_t(b) * p.q_heads + hh) * p.nQ + m) * p.nK + n] = n == 0 || (n >= first_window && n <= last_causal);
-  }
+  init_mask_rows(p, b, h0, HEADS, m, first_window, last_causal);
   bool* mask_row = p.mask + (bh * p.nQ + m) * p.nK;
   // Candidates are blocks 1 .. first_window - 1: wholly before e - W, so every existing row of
   // the query block sees all of their keys, and keys up to first_window * BK + BK exist.
@@ -230,7 +238,6 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
       cp_async_16(&ks[buf][key][col], kc + int64_t(key0 + key) * D + col, 16);
     }
     // Candidate keys all exist; bias rows start anywhere (Nk may be odd): 4-byte copies.
-    const int h0 = hk * group + (blockIdx.y % (group / HEADS)) * HEADS;
     for (int c = threadIdx.x; c < HEADS * kStep; c += kThreadsC) {
       cp_async_4(&sbias[buf][c / kStep][c % kStep],
                  p.qk_bias + (int64_t(b) * p.q_heads + h0 + c / kStep) * p.nk + key0 + c % kStep, 4);
@@ -389,23 +396,11 @@ inline cudaError_t launch_block_mask_impl(const BlockMaskParams& p, cudaStream_t
   return cudaGetLastError();
 }
 
-// Dispatch on dtype (is_bf16), head dim (64/128) and key block (32/64); the caller validated them.
+// Dispatch on dtype, head dim and key block; the caller validated them.
 inline cudaError_t launch_block_mask(const BlockMaskParams& p, bool is_bf16, int head_dim, cudaStream_t stream) {
-#define SALE_BM_CASE(T, D, BK) \
-  if (head_dim == D && p.bk == BK) return launch_block_mask_impl<T, D, BK>(p, stream);
-  if (is_bf16) {
-    SALE_BM_CASE(__nv_bfloat16, 64, 32)
-    SALE_BM_CASE(__nv_bfloat16, 64, 64)
-    SALE_BM_CASE(__nv_bfloat16, 128, 32)
-    SALE_BM_CASE(__nv_bfloat16, 128, 64)
-  } else {
-    SALE_BM_CASE(__half, 64, 32)
-    SALE_BM_CASE(__half, 64, 64)
-    SALE_BM_CASE(__half, 128, 32)
-    SALE_BM_CASE(__half, 128, 64)
-  }
-#undef SALE_BM_CASE
-  return cudaErrorInvalidValue;
+  return dispatch_dtype_dim_block(is_bf16, head_dim, p.bk, [&](auto type, auto dim, auto bk) {
+    return launch_block_mask_impl<typename decltype(type)::type, decltype(dim)::value, decltype(bk)::value>(p, stream);
+  });
 }
 
 }  // namespace sale

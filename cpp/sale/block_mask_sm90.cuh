@@ -55,11 +55,7 @@ __global__ void __launch_bounds__(128 * HEADS, 1) candidate_kernel_sm90(const Bl
   const int e = block_end(p, m);
   const int first_window = window_first_block(p, e);
   const int last_causal = (e - 1) / BK;
-  for (int i = threadIdx.x; i < HEADS * p.nK; i += kThreadsC) {
-    const int n = i % p.nK;
-    p.mask[((int64_t(b) * p.q_heads + h0 + i / p.nK) * p.nQ + m) * p.nK + n] =
-        n == 0 || (n >= first_window && n <= last_causal);
-  }
+  init_mask_rows(p, b, h0, HEADS, m, first_window, last_causal);
   bool* mask_row = p.mask + (bh * p.nQ + m) * p.nK;
   const int n_end = first_window;  // candidates: blocks 1 .. first_window - 1
   if (n_end <= 1) return;

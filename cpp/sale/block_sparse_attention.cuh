@@ -275,21 +275,10 @@ inline cudaError_t launch_block_sparse_attention_impl(const BlockSparseAttention
 // them (bq = 64, Hq % Hkv == 0, rows 16-byte aligned, grid limits).
 inline cudaError_t launch_block_sparse_attention(const BlockSparseAttentionParams& p, bool is_bf16, int head_dim,
                                                  int bk, cudaStream_t stream) {
-#define SALE_BSA_CASE(T, D, BK) \
-  if (head_dim == D && bk == BK) return bsa::launch_block_sparse_attention_impl<T, D, BK>(p, stream);
-  if (is_bf16) {
-    SALE_BSA_CASE(__nv_bfloat16, 64, 32)
-    SALE_BSA_CASE(__nv_bfloat16, 64, 64)
-    SALE_BSA_CASE(__nv_bfloat16, 128, 32)
-    SALE_BSA_CASE(__nv_bfloat16, 128, 64)
-  } else {
-    SALE_BSA_CASE(__half, 64, 32)
-    SALE_BSA_CASE(__half, 64, 64)
-    SALE_BSA_CASE(__half, 128, 32)
-    SALE_BSA_CASE(__half, 128, 64)
-  }
-#undef SALE_BSA_CASE
-  return cudaErrorInvalidValue;
+  return dispatch_dtype_dim_block(is_bf16, head_dim, bk, [&](auto type, auto dim, auto block) {
+    return bsa::launch_block_sparse_attention_impl<typename decltype(type)::type, decltype(dim)::value,
+                                                   decltype(block)::value>(p, stream);
+  });
 }
 
 }  // namespace sale

@@ -10,7 +10,9 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
 #include <cuda_fp16.h>
 
 namespace sale {
@@ -121,6 +123,33 @@ __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+}
+
+}  // namespace sale
+
+namespace sale {
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<T>, integral_constant<D>, integral_constant<BK>) for the kernels' supported
+// configurations: T in {bf16, f16}, head dim 64/128, key block 32/64. Anything else was refused by
+// the caller's checks; it returns cudaErrorInvalidValue here.
+template <typename F>
+inline cudaError_t dispatch_dtype_dim_block(bool is_bf16, int head_dim, int bk, F&& f) {
+  auto by_block = [&](auto type, auto dim) -> cudaError_t {
+    if (bk == 32) return f(type, dim, std::integral_constant<int, 32>{});
+    if (bk == 64) return f(type, dim, std::integral_constant<int, 64>{});
+    return cudaErrorInvalidValue;
+  };
+  auto by_dim = [&](auto type) -> cudaError_t {
+    if (head_dim == 64) return by_block(type, std::integral_constant<int, 64>{});
+    if (head_dim == 128) return by_block(type, std::integral_constant<int, 128>{});
+    return cudaErrorInvalidValue;
+  };
+  return is_bf16 ? by_dim(TypeTag<__nv_bfloat16>{}) : by_dim(TypeTag<__half>{});
 }
 
 }  // namespace sale
