@@ -191,9 +191,17 @@ __device__ __forceinline__ void init_mask_rows(const BlockMaskParams& p, int b, 
   }
 }
 
-// Bias in code units, b~ = rint(x), as the accumulator's start value; 0 where |x| >= 2^21 so
-// that E + b~ cannot overflow (such blocks are always decided on the exact path).
-__device__ __forceinline__ int32_t approx_bias(float x) { return fabsf(x) < 2097152.f ? __float2int_rn(x) : 0; }
+// Bias in code units, b~ = rint(x), as the accumulator's start value (the conversion saturates,
+// and the MMAs accumulate with .satfinite, so nothing wraps). For |x| < 2^21, b~ is within 1 of
+// the exact rint(bias / d) (x carries one reciprocal's rounding). A column with |x| >= 2^21
+// makes the block's approximate max reach +-(2^21 - 6272) (positive x: that column is at least
+// that large; negative: it only matters when every column is that small), so kApproxLimit sends
+// such blocks to the exact path.
+__device__ __forceinline__ int32_t approx_bias(float x) { return __float2int_rn(x); }
+constexpr int32_t kApproxLimit = 1 << 20;
+
+// Row maximum of (E + b~) over the columns of one accumulator tile (c0, c1 | c2, c3 layout).
+__device__ __forceinline__ int32_t max3(int32_t a, int32_t b, int32_t c) { return __vimax3_s32(a, b, c); }
 
 // One CTA scores query block m of HEADS query heads that share a kv head (GQA), so every K
 // tile staged in shared memory feeds HEADS * 64 rows; each warp owns 32 rows (two m16 tiles) of
@@ -292,7 +300,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
     // cores add the bias and the epilogue is one integer max per element; only a block whose
     // bound straddles the threshold is decided again with exact division.
     const int key0 = n * BK;
-    float d[2][kBlocks], rd[2][kBlocks], xmax[2][kBlocks];
+    float d[2][kBlocks], rd[2][kBlocks];
     const float* bj = &sbias[buf][warp / 2][2 * t];  // column (nt, c) at bj[nt * 8 + c]
     int32_t acc[2][kTiles][4];
 #pragma unroll
@@ -301,13 +309,11 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
       for (int blk = 0; blk < kBlocks; ++blk) {
         d[mt][blk] = sq[mt] * kscale[key0 + blk * BK];
         rd[mt][blk] = __frcp_rn(d[mt][blk]);
-        xmax[mt][blk] = 0.f;
       }
 #pragma unroll
       for (int nt = 0; nt < kTiles; ++nt) {
         const int blk = nt / (BK / 8);
         const float x0 = bj[nt * 8] * rd[mt][blk], x1 = bj[nt * 8 + 1] * rd[mt][blk];
-        xmax[mt][blk] = fmaxf(xmax[mt][blk], fmaxf(fabsf(x0), fabsf(x1)));
         acc[mt][nt][0] = acc[mt][nt][2] = approx_bias(x0);
         acc[mt][nt][1] = acc[mt][nt][3] = approx_bias(x1);
       }
@@ -333,11 +339,11 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
         int32_t best[2] = {acc[mt][blk * (BK / 8)][0], acc[mt][blk * (BK / 8)][2]};
 #pragma unroll
         for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt) {
-          best[0] = max(best[0], max(acc[mt][nt][0], acc[mt][nt][1]));
-          best[1] = max(best[1], max(acc[mt][nt][2], acc[mt][nt][3]));
+          best[0] = max3(best[0], acc[mt][nt][0], acc[mt][nt][1]);
+          best[1] = max3(best[1], acc[mt][nt][2], acc[mt][nt][3]);
         }
         // |x| < 2^21 keeps b~ within 1 of b and every sum exact in int32 and fp32.
-        const bool small = xmax[mt][blk] < 2097152.f;
+        const bool small = abs(best[0]) < kApproxLimit && abs(best[1]) < kApproxLimit;
         unsure |= !small;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {

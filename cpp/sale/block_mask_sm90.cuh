@@ -27,7 +27,7 @@ using KCodeSmemAtom = std::conditional_t<D == 128, cute::GMMA::Layout_K_SW128_At
 template <int kStep>
 struct WgmmaS8;
 template <>
-struct WgmmaS8<64> { using Op = cute::SM90::GMMA::MMA_64x64x32_S32S8S8_RS_TN; };
+struct WgmmaS8<64> { using Op = cute::SM90::GMMA::MMA_64x64x32_S32S8S8_RS_TN_SATURATE; };  // see approx_bias
 
 template <int D, int BK, int HEADS>
 __global__ void __launch_bounds__(128 * HEADS, 1) candidate_kernel_sm90(const BlockMaskParams p) {
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(128 * HEADS, 1) candidate_kernel_sm90(const Bl
   using Acc = decltype(partition_fragment_C(tiled_mma, Shape<Int<kBq>, Int<kStep>>{}));
   static_assert(decltype(size(Acc{}))::value == kStep / 2, "64 x kStep over 128 threads");
   struct StepState {
-    float d[kBlocks], rd[kBlocks], xmax[kBlocks];
+    float d[kBlocks], rd[kBlocks];
   };
   const int steps = (n_end - 1 + kBlocks - 1) / kBlocks;  // candidates 1 .. n_end - 1
 
@@ -129,7 +129,6 @@ __global__ void __launch_bounds__(128 * HEADS, 1) candidate_kernel_sm90(const Bl
       st.d[blk] = sq * sscale[stage][blk * BK + 2 * t];  // 1.0 x sq past Nk: never candidates
       st.d[blk] = st.d[blk] > 0.f ? st.d[blk] : sq;
       st.rd[blk] = __frcp_rn(st.d[blk]);
-      st.xmax[blk] = 0.f;
     }
     CUTE_UNROLL
     for (int nt = 0; nt < kStep / 8; ++nt) {
@@ -137,7 +136,6 @@ __global__ void __launch_bounds__(128 * HEADS, 1) candidate_kernel_sm90(const Bl
       CUTE_UNROLL
       for (int c = 0; c < 2; ++c) {
         const float x = sbias[stage][wg][nt * 8 + 2 * t + c] * st.rd[blk];
-        st.xmax[blk] = fmaxf(st.xmax[blk], fabsf(x));
         acc(nt * 4 + c) = acc(nt * 4 + 2 + c) = approx_bias(x);
       }
     }
@@ -158,10 +156,10 @@ __global__ void __launch_bounds__(128 * HEADS, 1) candidate_kernel_sm90(const Bl
       int32_t best[2] = {acc(blk * (BK / 8) * 4), acc(blk * (BK / 8) * 4 + 2)};
       CUTE_UNROLL
       for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt) {
-        best[0] = max(best[0], max(acc(nt * 4), acc(nt * 4 + 1)));
-        best[1] = max(best[1], max(acc(nt * 4 + 2), acc(nt * 4 + 3)));
+        best[0] = max3(best[0], acc(nt * 4), acc(nt * 4 + 1));
+        best[1] = max3(best[1], acc(nt * 4 + 2), acc(nt * 4 + 3));
       }
-      const bool small = st.xmax[blk] < 2097152.f;
+      const bool small = abs(best[0]) < kApproxLimit && abs(best[1]) < kApproxLimit;
       bool hit = false, unsure = !small;
       CUTE_UNROLL
       for (int r = 0; r < 2; ++r) {
