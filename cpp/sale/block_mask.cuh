@@ -214,8 +214,11 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
   constexpr int kTiles = kStep / 8;         // n8 tiles per step
   constexpr int kPad = 16;                  // bytes: rows land on distinct banks for ldmatrix
   constexpr int kCopies = kStep * D / 16;  // 16-byte copies per step
-  __shared__ __align__(16) int8_t ks[2][kStep][D + kPad];
-  __shared__ float sbias[2][HEADS][kStep];  // qk_bias of the step's keys, staged with the codes
+  // Three stages: step s computes on stage s % 3 while s + 1 and s + 2 are in flight, so one
+  // barrier per step suffices (the stage refilled at step s was last read at step s - 1).
+  constexpr int kStages = 3;
+  __shared__ __align__(16) int8_t ks[kStages][kStep][D + kPad];
+  __shared__ float sbias[kStages][HEADS][kStep];  // qk_bias of the step's keys, staged with the codes
 
   const int m = p.nQ - 1 - blockIdx.x;  // heaviest query blocks (most candidates) first
   const int b = blockIdx.z;
@@ -253,6 +256,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
     cp_async_commit();
   };
   load_step(BK, 0);
+  if (1 + kBlocks < n_end) load_step((1 + kBlocks) * BK, 1);
 
   // A fragments (int8 query codes) of the warp's two m16 tiles.
   int rows[2][2];
@@ -284,14 +288,11 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
   const float* kscale = p.k_scale + bhk * p.nk + 2 * t;
 
   for (int n = 1, step = 0; n < n_end; n += kBlocks, ++step) {
-    const int buf = step & 1;
-    if (n + kBlocks < n_end) {
-      load_step((n + kBlocks) * BK, buf ^ 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    const int buf = step % kStages;
+    if (n + kBlocks < n_end) cp_async_wait<1>();  // step s + 1's copies may stay in flight
+    else cp_async_wait<0>();
+    __syncthreads();  // stage s is visible to all; every warp is done with stage s - 1
+    if (n + 2 * kBlocks < n_end) load_step((n + 2 * kBlocks) * BK, (step + 2) % kStages);
 
     // Every column this thread holds is in key-scale group t of its block (SPEC §2), so one
     // d = sq * sk serves a (m16 tile, block) pair, and the kept test is
@@ -374,7 +375,6 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
       // Both warps of a head may set the flag: the same value, so the race is benign.
       if (__any_sync(0xffffffffu, hit) && lane == 0 && n + blk < n_end) mask_row[n + blk] = true;
     }
-    __syncthreads();  // the buffer is refilled next step
   }
 }
 
