@@ -52,16 +52,6 @@ __device__ __forceinline__ int window_first_block(const BlockMaskParams& p, int 
   return max(0, e - p.window) / p.bk;
 }
 
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
 // ------------------------------------------------------------------------------------------
 // Kernel 1: thresholds from the dense set.
 // ------------------------------------------------------------------------------------------

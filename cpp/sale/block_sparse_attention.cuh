@@ -49,16 +49,6 @@ struct Smem {
   int warp_count[2][kWarps];  // double-buffered so one barrier per compaction round suffices
 };
 
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
 template <typename T, int D, int BK>
 __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(const BlockSparseAttentionParams p) {
   constexpr int kPer = kKeys / BK;     // kept blocks per tile

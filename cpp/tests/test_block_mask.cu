@@ -16,15 +16,8 @@
 
 #include "sale/block_mask.cuh"
 #include "sale/block_mask_sm90.cuh"
+#include "test_common.cuh"
 
-#define CUDA_OK(call)                                                                              \
-  do {                                                                                             \
-    cudaError_t e_ = (call);                                                                       \
-    if (e_ != cudaSuccess) {                                                                       \
-      std::printf("FAIL: %s: %s (%s:%d)\n", #call, cudaGetErrorString(e_), __FILE__, __LINE__); \
-      std::exit(1);                                                                                \
-    }                                                                                              \
-  } while (0)
 
 namespace {
 
@@ -33,33 +26,14 @@ struct Case {
   int D, bk, window, b, hkv, g, nq, nk;
 };
 
-uint64_t rng = 0x2545f4914f6cdd1dull;
-float uniform() {  // [-1, 1)
-  rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-  return static_cast<float>((rng >> 40) & 0xffffff) / 8388608.f - 1.f;
-}
+using sale_test::to_device;
+using sale_test::uniform;
 
 // Rounds x to the input dtype and returns (bits, rounded value).
 uint16_t to_bits(float x, bool bf16, float* rounded) {
-  uint16_t u;
-  if (bf16) {
-    __nv_bfloat16 h = __float2bfloat16_rn(x);
-    std::memcpy(&u, &h, 2);
-    *rounded = __bfloat162float(h);
-  } else {
-    __half h = __float2half_rn(x);
-    std::memcpy(&u, &h, 2);
-    *rounded = __half2float(h);
-  }
+  const uint16_t u = sale_test::to_bits(x, !bf16);
+  *rounded = sale_test::from_bits(u, !bf16);
   return u;
-}
-
-template <typename T>
-T* to_device(const std::vector<T>& v) {
-  T* d = nullptr;
-  CUDA_OK(cudaMalloc(&d, std::max<size_t>(v.size(), 1) * sizeof(T)));
-  CUDA_OK(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
 }
 
 // Returns the number of blocks that differ from the host reference beyond SPEC §7's near-tie
@@ -208,17 +182,7 @@ int run_case(const Case& c, int* near, int* candidates, bool* scorers_agree) {
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("SKIP: no CUDA device\n");
-    return 77;
-  }
-  cudaDeviceProp prop{};
-  CUDA_OK(cudaGetDeviceProperties(&prop, 0));
-  if (prop.major != 9) {
-    std::printf("SKIP: the kernels are built for sm_90a, this is sm_%d%d\n", prop.major, prop.minor);
-    return 77;
-  }
+  if (sale_test::skip_unless_sm90()) return sale_test::kSkip;
   const Case cases[] = {
       {true, 64, 32, 128, 1, 1, 4, 1, 1},      {false, 128, 32, 128, 1, 2, 3, 63, 63},
       {true, 128, 32, 128, 2, 2, 4, 300, 300}, {false, 64, 64, 128, 1, 3, 1, 777, 1000},

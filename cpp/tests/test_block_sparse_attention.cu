@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "sale/block_sparse_attention.cuh"
+#include "test_common.cuh"
 
 namespace {
 
@@ -24,22 +25,8 @@ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
 __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-#define CUDA_OK(x)                                                                  \
-  do {                                                                              \
-    cudaError_t e_ = (x);                                                           \
-    if (e_ != cudaSuccess) {                                                        \
-      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-      std::exit(1);                                                                 \
-    }                                                                               \
-  } while (0)
 
-template <typename T>
-T* to_device(const std::vector<T>& h) {
-  T* d = nullptr;
-  CUDA_OK(cudaMalloc(&d, h.size() * sizeof(T)));
-  CUDA_OK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
-}
+using sale_test::to_device;
 
 template <typename T>
 int run_case(const Case& c, std::mt19937& rng) {
@@ -134,11 +121,7 @@ int run_case(const Case& c, std::mt19937& rng) {
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("SKIP: no CUDA device\n");
-    return 77;
-  }
+  if (sale_test::skip_unless_sm90()) return sale_test::kSkip;
   std::mt19937 rng(1234);
   const Case cases[] = {
       {1, 4, 2, 100, 130, 64, 32, true, false},  {2, 3, 1, 70, 70, 128, 64, true, true},

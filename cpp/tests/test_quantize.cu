@@ -13,15 +13,8 @@
 #include <vector>
 
 #include "sale/quantize.cuh"
+#include "test_common.cuh"
 
-#define CUDA_OK(call)                                                                              \
-  do {                                                                                             \
-    cudaError_t e_ = (call);                                                                       \
-    if (e_ != cudaSuccess) {                                                                       \
-      std::printf("FAIL: %s: %s (%s:%d)\n", #call, cudaGetErrorString(e_), __FILE__, __LINE__); \
-      std::exit(1);                                                                                \
-    }                                                                                              \
-  } while (0)
 
 namespace {
 
@@ -37,34 +30,9 @@ struct Case {
   Layout layout;
 };
 
-uint64_t rng_state = 0x9e3779b97f4a7c15ull;
-float uniform() {  // [-1, 1)
-  rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-  return static_cast<float>((rng_state >> 40) & 0xffffff) / 8388608.f - 1.f;
-}
-
-uint16_t to_bits(float x, bool half) {
-  uint16_t u;
-  if (half) {
-    __half h = __float2half_rn(x);
-    std::memcpy(&u, &h, 2);
-  } else {
-    __nv_bfloat16 h = __float2bfloat16_rn(x);
-    std::memcpy(&u, &h, 2);
-  }
-  return u;
-}
-float from_bits(uint16_t u, bool half) {
-  if (half) {
-    __half h;
-    std::memcpy(&h, &u, 2);
-    return __half2float(h);
-  }
-  uint32_t w = static_cast<uint32_t>(u) << 16;
-  float f;
-  std::memcpy(&f, &w, 4);
-  return f;
-}
+using sale_test::from_bits;
+using sale_test::to_bits;
+using sale_test::uniform;
 
 // One input tensor [B, H, N, D] in a host buffer and a device copy, with the case's strides.
 struct Input {
@@ -246,18 +214,7 @@ bool run_case(const Case& c) {
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("SKIP: no CUDA device\n");
-    return 77;
-  }
-  cudaDeviceProp prop;
-  CUDA_OK(cudaGetDeviceProperties(&prop, 0));
-  if (prop.major != 9 || prop.minor != 0) {
-    std::printf("SKIP: the kernels are built for sm_90a, device 0 is sm_%d%d (%s)\n", prop.major, prop.minor, prop.name);
-    return 77;
-  }
-  std::printf("device: %s\n", prop.name);
+  if (sale_test::skip_unless_sm90()) return sale_test::kSkip;
 
   std::vector<Case> cases;
   for (bool half : {false, true})
