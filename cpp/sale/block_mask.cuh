@@ -170,14 +170,35 @@ __global__ void __launch_bounds__(kThreads) row_threshold_kernel(const BlockMask
 // Kernel 2: candidate blocks against the thresholds.
 // ------------------------------------------------------------------------------------------
 
-// The mask rows of query block m for heads h0 .. h0 + heads - 1: the dense set kept, every other
-// block cleared (the candidate scorers then set the kept candidates).
-__device__ __forceinline__ void init_mask_rows(const BlockMaskParams& p, int b, int h0, int heads, int m,
-                                               int first_window, int last_causal) {
-  for (int i = threadIdx.x; i < heads * p.nK; i += blockDim.x) {
+// What a candidate-scoring CTA works on: query block m (heaviest first) of `heads` consecutive
+// query heads h0.. that share kv head hk, and the block's dense set {0} + [first_window,
+// last_causal]; candidates are blocks 1 .. first_window - 1.
+struct CandidateCta {
+  int m, b, hk, h0, first_window, last_causal;
+};
+
+template <int HEADS>
+__device__ __forceinline__ CandidateCta candidate_cta(const BlockMaskParams& p) {
+  CandidateCta c;
+  c.m = p.nQ - 1 - blockIdx.x;
+  c.b = blockIdx.z;
+  const int group = p.q_heads / p.kv_heads;
+  c.hk = blockIdx.y / (group / HEADS);
+  c.h0 = c.hk * group + (blockIdx.y % (group / HEADS)) * HEADS;
+  const int e = block_end(p, c.m);
+  c.first_window = window_first_block(p, e);
+  c.last_causal = (e - 1) / p.bk;
+  return c;
+}
+
+// The CTA's mask rows: the dense set kept, every other block cleared (the scorers then set the
+// kept candidates).
+template <int HEADS>
+__device__ __forceinline__ void init_mask_rows(const BlockMaskParams& p, const CandidateCta& c) {
+  for (int i = threadIdx.x; i < HEADS * p.nK; i += blockDim.x) {
     const int n = i % p.nK;
-    p.mask[((int64_t(b) * p.q_heads + h0 + i / p.nK) * p.nQ + m) * p.nK + n] =
-        n == 0 || (n >= first_window && n <= last_causal);
+    p.mask[((int64_t(c.b) * p.q_heads + c.h0 + i / p.nK) * p.nQ + c.m) * p.nK + n] =
+        n == 0 || (n >= c.first_window && n <= c.last_causal);
   }
 }
 
@@ -210,21 +231,13 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
   __shared__ __align__(16) int8_t ks[kStages][kStep][D + kPad];
   __shared__ float sbias[kStages][HEADS][kStep];  // qk_bias of the step's keys, staged with the codes
 
-  const int m = p.nQ - 1 - blockIdx.x;  // heaviest query blocks (most candidates) first
-  const int b = blockIdx.z;
-  const int group = p.q_heads / p.kv_heads;
-  const int hk = blockIdx.y / (group / HEADS);
-  const int h0 = hk * group + (blockIdx.y % (group / HEADS)) * HEADS;
+  const CandidateCta cta = candidate_cta<HEADS>(p);
+  const int m = cta.m, b = cta.b, hk = cta.hk, h0 = cta.h0, first_window = cta.first_window;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int h = h0 + warp / 2;
   const int64_t bh = int64_t(b) * p.q_heads + h;
   const int64_t bhk = int64_t(b) * p.kv_heads + hk;
-
-  const int e = block_end(p, m);
-  const int first_window = window_first_block(p, e);
-  const int last_causal = (e - 1) / BK;
-
-  init_mask_rows(p, b, h0, HEADS, m, first_window, last_causal);
+  init_mask_rows<HEADS>(p, cta);
   bool* mask_row = p.mask + (bh * p.nQ + m) * p.nK;
   // Candidates are blocks 1 .. first_window - 1: wholly before e - W, so every existing row of
   // the query block sees all of their keys, and keys up to first_window * BK + BK exist.

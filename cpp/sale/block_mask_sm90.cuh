@@ -41,21 +41,14 @@ __global__ void __launch_bounds__(128 * HEADS, 1) candidate_kernel_sm90(const Bl
   __shared__ float sbias[kStages][HEADS][kStep];  // qk_bias of the step's keys, per head
   __shared__ float sscale[kStages][kStep];         // k_scale of the step's keys
 
-  const int m = p.nQ - 1 - blockIdx.x;  // heaviest query blocks first
-  const int b = blockIdx.z;
-  const int group = p.q_heads / p.kv_heads;
-  const int hk = blockIdx.y / (group / HEADS);
-  const int h0 = hk * group + (blockIdx.y % (group / HEADS)) * HEADS;
+  const CandidateCta cta = candidate_cta<HEADS>(p);
+  const int m = cta.m, b = cta.b, hk = cta.hk, h0 = cta.h0, first_window = cta.first_window;
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
   const int h = h0 + wg;
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t bh = int64_t(b) * p.q_heads + h;
   const int64_t bhk = int64_t(b) * p.kv_heads + hk;
-
-  const int e = block_end(p, m);
-  const int first_window = window_first_block(p, e);
-  const int last_causal = (e - 1) / BK;
-  init_mask_rows(p, b, h0, HEADS, m, first_window, last_causal);
+  init_mask_rows<HEADS>(p, cta);
   bool* mask_row = p.mask + (bh * p.nQ + m) * p.nK;
   const int n_end = first_window;  // candidates: blocks 1 .. first_window - 1
   if (n_end <= 1) return;
