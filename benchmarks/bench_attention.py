@@ -16,26 +16,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sale_ops
+from common import cudnn_causal, time_ms
 from sale_ops import reference as ref
 
 BQ = 64
-
-
-def time_ms(fn, repeats):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def random_mask(hq, n, bk, density, seed):
@@ -114,15 +100,11 @@ def main():
         k = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
         v = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
 
-        def dense():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-        t_dense = time_ms(dense, a.repeats)
+        t_dense = time_ms(cudnn_causal, [(q, k, v)], a.repeats)
         for density in densities:
             mask = random_mask(hq, n, bk, density, seed=n)
             measured = float(ref.block_density(mask, n, n, BQ, bk).mean())
-            t_sale = time_ms(lambda: torch.ops.sale.block_sparse_attention(q, k, v, mask, BQ, bk, scale, True), a.repeats)
+            t_sale = time_ms(lambda: torch.ops.sale.block_sparse_attention(q, k, v, mask, BQ, bk, scale, True), repeats=a.repeats)
             t_flex = float("nan")
             if flex is not None:
                 try:
@@ -130,7 +112,7 @@ def main():
                     opts = {"BLOCK_M": BQ, "BLOCK_N": bk}  # the kernel's tiles must divide the mask's blocks
                     t_flex = time_ms(
                         lambda: flex(q, k, v, block_mask=bm, scale=scale, enable_gqa=True, kernel_options=opts),
-                        a.repeats,
+                        repeats=a.repeats,
                     )
                     del bm
                 except Exception as e:  # keep the other columns; say why Flex is missing

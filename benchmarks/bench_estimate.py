@@ -12,32 +12,15 @@ over the block_mask time) and the extra GPU memory over the bytes of q + k + v.
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sale_ops
+from common import cudnn_causal, time_ms
 from sale_ops import reference as ref
 from sale_ops.testing import make_qkv
 
 INT8_PEAK_TOPS = 1979.0  # H100 SXM dense int8
-
-
-def time_ms(fn, inputs, repeats):
-    """Median of CUDA-event timings, cycling through several input sets (no L2 flattery)."""
-    for x in inputs:
-        fn(*x)
-    times = []
-    for i in range(repeats):
-        x = inputs[i % len(inputs)]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def candidate_pairs(n, bq=64, bk=32, window=128):
@@ -51,10 +34,6 @@ def run(n, hq, hkv, d, tau, repeats, sets):
     tau_t = torch.full((hq,), tau, device="cuda")
     scale = d**-0.5
 
-    def dense(q, k, v):
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
     quantized = [torch.ops.sale.quantize(q, k, 32) for q, k, _ in inputs]
 
     def quantize(q, k, v):
@@ -63,7 +42,7 @@ def run(n, hq, hkv, d, tau, repeats, sets):
     def select(q, k, v, *qz):
         return torch.ops.sale.block_mask(q, k, *qz, tau_t, 64, 32, 128, scale)
 
-    t_dense = time_ms(dense, inputs, repeats)
+    t_dense = time_ms(cudnn_causal, inputs, repeats)
     t_quant = time_ms(quantize, inputs, repeats)
     t_mask = time_ms(select, [x + tuple(qz) for x, qz in zip(inputs, quantized)], repeats)
 

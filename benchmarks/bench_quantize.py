@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sale_ops
+from common import cudnn_causal, time_ms
 
 COPY_BW = 3.0e12  # bytes/s: measured device-to-device copy on an H100 SXM
 
@@ -31,30 +30,8 @@ def bytes_moved(b, hq, hkv, n, d, elem=2):
     return reads + writes
 
 
-def time_ms(fn, sets, repeats):
-    """Median CUDA-event time of one call, from timings of one call per input set."""
-    for x in sets:  # warm-up
-        fn(*x)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for x in sets:
-            fn(*x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(sets))
-    return statistics.median(times)
-
-
 def quantize(q, k, v):
     return torch.ops.sale.quantize(q, k, 32)
-
-
-def dense(q, k, v):
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
 def inputs(hq, hkv, n, d, seed):
@@ -94,7 +71,7 @@ def main(argv=None) -> None:
             if a.no_sdpa:
                 t_sdpa = ratio = "-"
             else:
-                ms = time_ms(dense, sets[:3], max(5, repeats // 4))
+                ms = time_ms(cudnn_causal, sets[:3], max(5, repeats // 4))
                 t_sdpa, ratio = f"{ms:.3f}", f"{t / ms:.4f}"
             print(
                 f"| {hq} | {hkv} | {d} | {n} | {t:.4f} | {moved / 1e6:.1f} MB | {gbs:.0f} | "

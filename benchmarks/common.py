@@ -1,0 +1,34 @@
+"""Timing and the dense baseline shared by the benchmark scripts (run from any directory as
+`python benchmarks/<script>.py`: the script's folder is on sys.path)."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def time_ms(fn, input_sets=((),), repeats=10):
+    """Median CUDA-event time of one call of fn(*x). Each timing covers one call per input set
+    (rotating sets keeps inputs out of L2) and is divided by their number; all sets run once first
+    as warm-up."""
+    for x in input_sets:
+        fn(*x)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for x in input_sets:
+            fn(*x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(input_sets))
+    return statistics.median(times)
+
+
+def cudnn_causal(q, k, v):
+    """The bar to beat: dense causal attention forced onto cuDNN (GQA through enable_gqa)."""
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
