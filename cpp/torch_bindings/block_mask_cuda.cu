@@ -1,5 +1,4 @@
 // torch.ops.sale.block_mask on CUDA (sm_90a): the stable-ABI entry around cpp/sale/block_mask.cuh.
-#include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -11,6 +10,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "entry_utils.h"
 #include "sale/block_mask.cuh"
 #include "sale/block_mask_sm90.cuh"
 
@@ -27,16 +27,6 @@ void check_cuda_tensor(const Tensor& t, const char* name, ScalarType dtype, int6
                      "' is on another device than 'q'");
   STD_TORCH_CHECK(t.scalar_type() == dtype, kOp, ": argument '", name, "' has the wrong dtype");
   STD_TORCH_CHECK(t.dim() == dim, kOp, ": argument '", name, "' must have ", dim, " dimensions, got ", t.dim());
-}
-
-// The kernels read 4- and 16-byte vectors: rows must start on 16-byte boundaries.
-void check_vector_aligned(const Tensor& t, const char* name) {
-  STD_TORCH_CHECK(t.stride(3) == 1, kOp, ": argument '", name, "' must have a contiguous last dimension");
-  const bool aligned = reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 &&
-                       t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
-  STD_TORCH_CHECK(aligned, kOp, ": argument '", name,
-                     "' must start on a 16-byte boundary with batch/head/row strides that are multiples of 8 "
-                     "elements; call .contiguous() first");
 }
 
 Tensor block_mask_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tensor k_codes, Tensor k_scale,
@@ -59,8 +49,8 @@ Tensor block_mask_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tenso
   STD_TORCH_CHECK(std::isfinite(scale) && scale > 0, kOp, ": argument 'scale' must be finite and > 0");
   STD_TORCH_CHECK(Nq >= 1 && Nq <= Nk, kOp, ": causal selection needs 1 <= Nq <= Nk, got Nq=", Nq, ", Nk=", Nk);
   STD_TORCH_CHECK(Nk < (int64_t(1) << 31) / 64, kOp, ": sequence too long");
-  check_vector_aligned(q, "q");
-  check_vector_aligned(k, "k");
+  sale_entry::check_rows_aligned(kOp, q, "q");
+  sale_entry::check_rows_aligned(kOp, k, "k");
 
   check_cuda_tensor(q_codes, "q_codes", ScalarType::Char, 4, q);
   check_cuda_tensor(q_scale, "q_scale", ScalarType::Float, 3, q);
@@ -77,8 +67,7 @@ Tensor block_mask_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tenso
                      kOp, ": the quantized tensors do not match 'q' and 'k' (see sale.quantize)");
 
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
-  void* stream = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(q.get_device_index(), &stream));
+  const cudaStream_t stream = sale_entry::current_stream(q);
 
   const int64_t nQ = (Nq + bq - 1) / bq, nK = (Nk + bk - 1) / bk;
   Tensor threshold = torch::stable::new_empty(q, {B, Hq, Nq}, ScalarType::Float);
@@ -105,7 +94,7 @@ Tensor block_mask_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tenso
   // selects the warpgroup-MMA scorer, which decides identically.
   const char* estimator = std::getenv("SALE_OPS_ESTIMATOR");
   p.use_wgmma = estimator && std::string(estimator) == "wgmma";
-  const cudaError_t err = sale::launch_block_mask(p, dt == ScalarType::BFloat16, int(D), static_cast<cudaStream_t>(stream));
+  const cudaError_t err = sale::launch_block_mask(p, dt == ScalarType::BFloat16, int(D), stream);
   STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   return mask;
 }

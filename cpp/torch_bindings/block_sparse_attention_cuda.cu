@@ -1,6 +1,5 @@
 // torch.ops.sale.block_sparse_attention on CUDA (sm_90a): the stable-ABI entry around
 // cpp/sale/block_sparse_attention.cuh.
-#include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -11,6 +10,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "entry_utils.h"
 #include "sale/block_sparse_attention.cuh"
 
 namespace {
@@ -26,17 +26,6 @@ void check_cuda_tensor(const Tensor& t, const char* name, const Tensor& like) {
   STD_TORCH_CHECK(t.get_device_index() == like.get_device_index(), kOp, ": argument '", name,
                      "' is on device cuda:", t.get_device_index(), " but 'q' is on cuda:", like.get_device_index());
   STD_TORCH_CHECK(t.dim() == 4, kOp, ": argument '", name, "' must have 4 dimensions, got ", t.dim());
-}
-
-// The kernel reads 4- and 16-byte vectors: rows must start on 16-byte boundaries.
-void check_vector_aligned(const Tensor& t, const char* name) {
-  STD_TORCH_CHECK(t.stride(3) == 1, kOp, ": argument '", name, "' must have a contiguous last dimension, got stride ",
-                     t.stride(3));
-  const bool aligned = reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 &&
-                       t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
-  STD_TORCH_CHECK(aligned, kOp, ": argument '", name,
-                     "' must start on a 16-byte boundary with batch/head/row strides that are multiples of 8 "
-                     "elements; call .contiguous() first");
 }
 
 std::tuple<Tensor, Tensor> block_sparse_attention_cuda(Tensor q, Tensor k, Tensor v, Tensor block_mask, int64_t bq,
@@ -82,13 +71,12 @@ std::tuple<Tensor, Tensor> block_sparse_attention_cuda(Tensor q, Tensor k, Tenso
                      kOp, ": argument 'block_mask' must have shape [B, Hq, ceil(Nq/bq), ceil(Nk/bk)] = [", B, ", ", Hq,
                      ", ", nQ, ", ", nK, "], got [", block_mask.size(0), ", ", block_mask.size(1), ", ",
                      block_mask.size(2), ", ", block_mask.size(3), "]");
-  check_vector_aligned(q, "q");
-  check_vector_aligned(k, "k");
-  check_vector_aligned(v, "v");
+  sale_entry::check_rows_aligned(kOp, q, "q");
+  sale_entry::check_rows_aligned(kOp, k, "k");
+  sale_entry::check_rows_aligned(kOp, v, "v");
 
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
-  void* stream = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(q.get_device_index(), &stream));
+  const cudaStream_t stream = sale_entry::current_stream(q);
 
   Tensor out = torch::stable::new_empty(q, {B, Hq, Nq, D}, dt);
   Tensor lse = torch::stable::new_empty(q, {B, Hq, Nq}, ScalarType::Float);
@@ -110,7 +98,7 @@ std::tuple<Tensor, Tensor> block_sparse_attention_cuda(Tensor q, Tensor k, Tenso
   p.scale = float(scale);
   p.causal = causal;
   const cudaError_t err = sale::launch_block_sparse_attention(p, dt == ScalarType::BFloat16, int(D), int(bk),
-                                                              static_cast<cudaStream_t>(stream));
+                                                              stream);
   STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   return std::make_tuple(out, lse);
 }

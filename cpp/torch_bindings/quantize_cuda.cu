@@ -1,6 +1,5 @@
 // torch.ops.sale.quantize on CUDA (SPEC §2): argument checks and allocation, LibTorch stable ABI
 // only; the kernels are in sale/quantize.cuh.
-#include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -11,6 +10,7 @@
 #include <string>
 #include <tuple>
 
+#include "entry_utils.h"
 #include "sale/quantize.cuh"
 
 namespace {
@@ -31,25 +31,21 @@ std::string dtype_name(ScalarType t) {
   }
 }
 
-std::string shape(const Tensor& t) {
+// A Python-style tuple of t's sizes (or strides).
+std::string dims(const Tensor& t, bool of_strides = false) {
   std::ostringstream s;
   s << "(";
-  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.size(i);
+  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << (of_strides ? t.stride(i) : t.size(i));
   s << (t.dim() == 1 ? ",)" : ")");
   return s.str();
 }
+
+std::string shape(const Tensor& t) { return dims(t); }
+std::string strides(const Tensor& t) { return dims(t, true); }
 
 std::string device(const Tensor& t) {
   if (t.is_cuda()) return "cuda:" + std::to_string(t.get_device_index());
   return t.is_cpu() ? "cpu" : "a device other than CUDA";
-}
-
-std::string strides(const Tensor& t) {
-  std::ostringstream s;
-  s << "(";
-  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.stride(i);
-  s << (t.dim() == 1 ? ",)" : ")");
-  return s.str();
 }
 
 void check_args(const Tensor& q, const Tensor& k, int64_t bk) {
@@ -117,9 +113,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> quantize_cuda(Tensor 
   p.partial = static_cast<double*>(partial.mutable_data_ptr());
   p.q_mean = static_cast<float*>(q_mean.mutable_data_ptr());
 
-  void* stream = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(q.get_device_index(), &stream));
-  const cudaError_t err = sale::launch_quantize(p, static_cast<cudaStream_t>(stream));
+  const cudaError_t err = sale::launch_quantize(p, sale_entry::current_stream(q));
   STD_TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
   return {q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean};
 }
