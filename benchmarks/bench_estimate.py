@@ -6,12 +6,14 @@ attention in the same process (issue 3's benchmark).
 
 Prints a markdown table: ms per step, the ratio to cuDNN, the block density the thresholds
 produced, the 8-bit tensor-core rate on candidate tiles (2·D ops per candidate (query, key) pair
-over the block_mask time) and the extra GPU memory over the bytes of q + k + v.
+over the block_mask time), the time of the mma.sync scorer (SALE_OPS_ESTIMATOR=mma) for comparison,
+and the extra GPU memory (quantized tensors + bit-packed mask) over the bytes of q + k + v.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -39,28 +41,33 @@ def run(n, hq, hkv, d, tau, repeats, sets):
     def quantize(q, k, v):
         return torch.ops.sale.quantize(q, k, 32)
 
-    def select(q, k, v, *qz):
-        return torch.ops.sale.block_mask(q, k, *qz, tau_t, 64, 32, 128, scale)
+    def select(q, k, v, *qz):  # the pipeline's form: the bit-packed mask
+        return torch.ops.sale.block_mask_bits(q, k, *qz, tau_t, 64, 32, 128, scale)
 
     t_dense = time_ms(cudnn_causal, inputs, repeats)
     t_quant = time_ms(quantize, inputs, repeats)
-    t_mask = time_ms(select, [x + tuple(qz) for x, qz in zip(inputs, quantized)], repeats)
+    args = [x + tuple(qz) for x, qz in zip(inputs, quantized)]
+    os.environ["SALE_OPS_ESTIMATOR"] = "mma"  # the mma.sync scorer, for comparison
+    t_mask_mma = time_ms(select, args, repeats)
+    del os.environ["SALE_OPS_ESTIMATOR"]  # the default: warp-specialised wgmma
+    t_mask = time_ms(select, args, repeats)
 
     q, k, v = inputs[0]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     qz = torch.ops.sale.quantize(q, k, 32)
-    mask = torch.ops.sale.block_mask(q, k, *qz, tau_t, 64, 32, 128, scale)
+    bits = torch.ops.sale.block_mask_bits(q, k, *qz, tau_t, 64, 32, 128, scale)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     qkv_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
+    mask = sale_ops.unpack_block_mask(bits, -(-n // 32))
     density = float(ref.block_density(mask, n, n, 64, 32).mean())
     tops = 2 * d * candidate_pairs(n) * hq / (t_mask * 1e-3) / 1e12
     del inputs, quantized, qz, mask
     torch.cuda.empty_cache()
     return dict(
-        n=n, hq=hq, hkv=hkv, d=d, dense=t_dense, quant=t_quant, mask=t_mask,
+        n=n, hq=hq, hkv=hkv, d=d, dense=t_dense, quant=t_quant, mask=t_mask, mask_mma=t_mask_mma,
         ratio=(t_quant + t_mask) / t_dense, density=density, tops=tops, mem=extra / qkv_bytes,
     )
 
@@ -76,15 +83,15 @@ def main():
     shapes = [(32, 8, 128), (16, 2, 64)]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {sale_ops.backend_summary('cuda')}")
     print(f"bf16, B=1, tau={a.tau}, bq=64, bk=32, W=128; synthetic sparse inputs (sale_ops.testing.make_qkv)\n")
-    print("| N | Hq/Hkv/D | cuDNN ms | quantize ms | block_mask ms | (q+m)/cuDNN | density | candidate TOPS (% of 1979) | extra mem / qkv |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| N | Hq/Hkv/D | cuDNN ms | quantize ms | block_mask ms | (q+m)/cuDNN | density | candidate TOPS (% of 1979) | mma.sync scorer ms | extra mem / qkv |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for hq, hkv, d in shapes:
         for n in lengths:
             r = run(n, hq, hkv, d, a.tau, a.repeats, a.sets)
             print(
                 f"| {n} | {hq}/{hkv}/{d} | {r['dense']:.2f} | {r['quant']:.2f} | {r['mask']:.2f} | "
                 f"{r['ratio']:.3f} | {r['density']:.3f} | {r['tops']:.0f} ({100 * r['tops'] / INT8_PEAK_TOPS:.0f}%) | "
-                f"{r['mem']:.2f} |",
+                f"{r['mask_mma']:.2f} | {r['mem']:.2f} |",
                 flush=True,
             )
 

@@ -118,13 +118,29 @@ def test_kernel_under_cuda_graph():
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("d,bk,hq,hkv", [(128, 32, 8, 2), (64, 64, 6, 2), (128, 64, 3, 3), (64, 32, 7, 1)])
-def test_wgmma_and_mma_scorers_agree_exactly(monkeypatch, d, bk, hq, hkv):
-    """Both candidate scorers decide exactly from the same thresholds: identical masks."""
-    q, k, _ = make_qkv(2, hq, hkv, 3333, d, device="cuda", seed=d + bk)
+@pytest.mark.parametrize(
+    "d,bk,hq,hkv,n", [(128, 32, 8, 2, 3333), (64, 64, 6, 2, 3333), (128, 64, 3, 3, 3333), (64, 32, 7, 1, 3333),
+                      (128, 32, 4, 1, 9000)]
+)
+def test_wgmma_and_mma_scorers_agree_exactly(monkeypatch, d, bk, hq, hkv, n):
+    """Both candidate scorers decide exactly from the same thresholds: identical masks (9000 keys:
+    the wgmma scorer's ring of stages wraps many times)."""
+    q, k, _ = make_qkv(2, hq, hkv, n, d, device="cuda", seed=d + bk)
     tau = torch.logspace(-5, 0, hq, device="cuda")
     qz = sale_ops.quantize(q, k, bk=bk)
+    wgmma = sale_ops.block_mask(q, k, tau, quantized=qz, bk=bk)  # the default scorer
+    monkeypatch.setenv("SALE_OPS_ESTIMATOR", "mma")
     mma = sale_ops.block_mask(q, k, tau, quantized=qz, bk=bk)
-    monkeypatch.setenv("SALE_OPS_ESTIMATOR", "wgmma")
-    wgmma = sale_ops.block_mask(q, k, tau, quantized=qz, bk=bk)
     assert torch.equal(wgmma, mma)
+    assert torch.equal(sale_ops.block_mask(q, k, tau, quantized=qz, bk=bk, packed=True), sale_ops.pack_block_mask(mma))
+
+
+@pytest.mark.parametrize("n", [1, 63, 1025, 4097])
+def test_bits_are_the_packed_bool_mask(n):
+    q, k, _ = make_qkv(1, 8, 2, n, 128, device="cuda", seed=n)
+    tau = torch.logspace(-4, -1, 8, device="cuda")
+    qz = sale_ops.quantize(q, k)
+    mask = sale_ops.block_mask(q, k, tau, quantized=qz)
+    bits = sale_ops.block_mask(q, k, tau, quantized=qz, packed=True)
+    assert bits.dtype == torch.int32 and bits.shape == (1, 8, mask.shape[2], -(-mask.shape[3] // 32))
+    assert torch.equal(sale_ops.unpack_block_mask(bits, mask.shape[3]), mask)

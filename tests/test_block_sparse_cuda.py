@@ -131,9 +131,11 @@ def test_masks_from_block_mask_kernel(dtype, bk):
     density = ref.block_density(mask.cpu(), 2500, 2500, 64, bk)
     assert float(density.min()) < 0.5  # the selection is really sparse for some heads
     check(q, k, v, mask, bk, True)
-    # and through the public API
+    # and through the public API, with the bool mask and with the estimator's bit-packed words
     out = sale_ops.block_sparse_attention(q, k, v, mask, bk=bk)
     assert torch.equal(out, OP(q, k, v, mask, 64, bk, 128**-0.5, True)[0])
+    bits = sale_ops.block_mask(q, k, tau, bk=bk, packed=True)
+    assert torch.equal(sale_ops.block_sparse_attention(q, k, v, bits, bk=bk), out)
 
 
 @pytest.mark.parametrize("d", [64, 128])

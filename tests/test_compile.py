@@ -59,20 +59,23 @@ def test_meta_tensors():
     k = torch.empty(2, 2, 1000, 128, dtype=torch.bfloat16, device="meta")
     tau = torch.empty(8, device="meta")
     out, lse, mask = torch.ops.sale.attention(q, k, k, tau, 64, 32, 128, 0.1, True, 0)
-    assert out.shape == q.shape and lse.shape == (2, 8, 1000) and mask.shape == (2, 8, 16, 32)
+    # the mask comes bit-packed: 32 key blocks -> one int32 word per query block
+    assert out.shape == q.shape and lse.shape == (2, 8, 1000) and mask.shape == (2, 8, 16, 1)
+    assert mask.dtype == torch.int32
     qz = torch.ops.sale.quantize(q, k, 64)
     assert [tuple(t.shape) for t in qz] == [(2, 8, 1000, 128), (2, 8, 1000), (2, 2, 1000, 128), (2, 2, 1000), (2, 8, 1000), (2, 2, 128)]
     assert qz[0].dtype == torch.int8 and qz[1].dtype == torch.float32
 
 
 def test_export():
-    q, k, v = make_qkv(1, 4, 2, 150, 64)
+    q, k, v = make_qkv(1, 4, 2, 1100, 64)
     tau = torch.full((4,), 1e-3)
-    # a block count of 1 specialises (0/1 rule), so export for at least two blocks of each size
-    n = torch.export.Dim("n", min=65, max=1 << 20)
+    # a size of 1 specialises (0/1 rule), so export for at least two of everything: query
+    # blocks, key blocks and 32-block mask words (n > 1024)
+    n = torch.export.Dim("n", min=1025, max=1 << 20)
     ep = torch.export.export(
         SaleAttention(), (q, k, v, tau), dynamic_shapes=({2: n}, {2: n}, {2: n}, None)
     )
-    q2, k2, v2 = make_qkv(1, 4, 2, 190, 64, seed=3)
+    q2, k2, v2 = make_qkv(1, 4, 2, 1300, 64, seed=3)
     for got, want in zip(ep.module()(q2, k2, v2, tau), SaleAttention()(q2, k2, v2, tau)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -169,6 +169,8 @@ def test_block_mask_shape_dtype_and_empty_rows(qkv):
         sale_ops.block_sparse_attention(q, k, v, good[..., :3])
     with raises(TypeError, "'block_mask'", "torch.uint8"):
         sale_ops.block_sparse_attention(q, k, v, good.to(torch.uint8))
+    with raises(ValueError, "'block_mask'", "ceil(ceil(Nk/bk)/32)", "(1, 4, 2, 1)", "(1, 4, 2, 2)"):
+        sale_ops.block_sparse_attention(q, k, v, torch.zeros(1, 4, 2, 2, dtype=torch.int32))
     no_sink = good.clone()
     no_sink[0, 2, 1, :] = False
     no_sink[0, 2, 1, 3] = True  # query block 1 keeps only keys 96..99, which its first row (64) cannot see

@@ -7,7 +7,7 @@ import sale_ops
 from sale_ops import reference as ref
 from sale_ops.testing import assert_attention_close, assert_block_mask_agrees, make_qkv
 
-OPS = ["quantize", "block_mask", "block_sparse_attention", "attention"]
+OPS = ["quantize", "block_mask", "block_mask_bits", "block_sparse_attention", "attention"]
 
 
 def test_every_op_is_registered_with_its_schema():
@@ -32,14 +32,16 @@ def op_samples(device="cpu"):
         mask = torch.ops.sale.block_mask(q, k, *qz, tau, 64, 32, 128, 0.125)
         out.append(("quantize", (q, k, 32)))
         out.append(("block_mask", (q, k, *qz, tau, 64, 32, 128, 0.125)))
+        out.append(("block_mask_bits", (q, k, *qz, tau, 64, 32, 128, 0.125)))
         out.append(("block_sparse_attention", (q, k, v, mask, 64, 32, 0.125, True)))
+        out.append(("block_sparse_attention", (q, k, v, sale_ops.pack_block_mask(mask), 64, 32, 0.125, True)))
         out.append(("block_sparse_attention", (q, k, v, torch.ones_like(mask), 64, 32, 0.125, False)))
         out.append(("attention", (q, k, v, tau, 64, 32, 128, 0.125, True, 0)))
         out.append(("attention", (q, k, v, tau, 64, 64, 128, 0.1, True, 10_000)))
     return out
 
 
-@pytest.mark.parametrize("index", range(12))
+@pytest.mark.parametrize("index", range(16))
 def test_opcheck(index):
     name, args = op_samples()[index]
     torch.library.opcheck(getattr(torch.ops.sale, name).default, args)
@@ -70,6 +72,31 @@ def test_attention_agrees_with_reference_spec7(n, hq, hkv, dtype):
     qz = sale_ops.quantize(q, k)
     assert_block_mask_agrees(res.block_mask, q, k, qz, tau)
     assert_attention_close(res.out, res.lse, q, k, v, res.block_mask)
+
+
+@pytest.mark.parametrize("nk_blocks", [1, 31, 32, 33, 64, 100])
+def test_pack_unpack_block_mask_round_trip(nk_blocks):
+    g = torch.Generator().manual_seed(nk_blocks)
+    mask = torch.rand(2, 3, 5, nk_blocks, generator=g) < 0.5
+    mask[..., -1] = True  # the top bit of a full word makes a negative int32
+    words = sale_ops.pack_block_mask(mask)
+    assert words.dtype == torch.int32 and words.shape == (2, 3, 5, -(-nk_blocks // 32))
+    assert torch.equal(sale_ops.unpack_block_mask(words, nk_blocks), mask)
+    # bit n % 32 of word n // 32 is block n
+    n = nk_blocks - 1
+    assert bool(((words[..., n // 32] >> (n % 32)) & 1).bool().all())
+
+
+def test_packed_mask_paths_equal_bool_paths():
+    q, k, v, tau = sample_args(n=1100)  # 35 key blocks: two words per query block
+    qz = sale_ops.quantize(q, k)
+    mask = sale_ops.block_mask(q, k, tau, quantized=qz)
+    bits = sale_ops.block_mask(q, k, tau, quantized=qz, packed=True)
+    assert bits.dtype == torch.int32 and bits.shape[-1] == 2
+    assert torch.equal(sale_ops.unpack_block_mask(bits, mask.shape[-1]), mask)
+    out, lse = sale_ops.block_sparse_attention(q, k, v, mask, return_lse=True)
+    out2, lse2 = sale_ops.block_sparse_attention(q, k, v, bits, return_lse=True)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
 
 
 def test_thresholds_accept_float_list_and_tensor():

@@ -3,12 +3,15 @@
 //  1. row_threshold_kernel: per query row, the exact statistics of its dense set (sink block +
 //     local window, causally masked) with f16/bf16 mma.sync and fp32 accumulation, turned into
 //     the threshold T_i = m_i + ln(tau_h l_i) / scale (SPEC §4.2-4.3).
-//  2. candidate_kernel: per (query block, candidate key block) the 4-bit estimate with s8
-//     mma.sync (codes held in int8 give the exact integer product), kept iff some row has
-//     max_j (E_ij + b_ij) * sq_i * sk_j > T_i (SPEC §3-4.4).
+//  2. a candidate scorer: per (query block, candidate key block) the 4-bit estimate on 8-bit
+//     tensor cores (codes held in int8 give the exact integer product), kept iff some row has
+//     max_j (E_ij + b_ij) * sq_i * sk_j > T_i (SPEC §3-4.4). Two implementations decide
+//     identically: candidate_kernel below (mma.sync) and candidate_kernel_ws in
+//     block_mask_sm90.cuh (warp-specialised wgmma, the default on sm_90a).
 //
-// Launch: one CTA of 4 warps per (query block of 64 rows, query head, batch); warp w owns rows
-// 16w .. 16w + 15 of the block. bq is fixed at 64.
+// The mask leaves as bits (nW = ceil(nK / 32) words per query block): 1/8 of a bool mask, and
+// what block_sparse_attention reads directly; expand_mask_kernel gives the bool view.
+// bq is fixed at 64.
 #pragma once
 
 #include <cstdint>
@@ -31,9 +34,9 @@ struct BlockMaskParams {
   const float* k_mean;    // [B, Hkv, D]
   const float* tau;       // [Hq]
   float* row_threshold;   // [B, Hq, Nq] scratch written by kernel 1
-  bool* mask;             // [B, Hq, nQ, nK] output
+  uint32_t* mask_bits;    // [B, Hq, nQ, nW] output: bit n % 32 of word n / 32 <=> key block n kept
   int batch, q_heads, kv_heads, nq, nk, bk, window;
-  int nQ, nK;
+  int nQ, nK, nW;
   float scale;
   bool use_wgmma;  // score candidates with wgmma (block_mask_sm90.cuh) instead of mma.sync
 };
@@ -56,6 +59,8 @@ __device__ __forceinline__ int window_first_block(const BlockMaskParams& p, int 
 // Kernel 1: thresholds from the dense set.
 // ------------------------------------------------------------------------------------------
 
+// One CTA of 4 warps per (query block of 64 rows, query head, batch); warp w owns rows
+// 16w .. 16w + 15 of the block.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) row_threshold_kernel(const BlockMaskParams p) {
   constexpr int kKeys = 32;       // keys per smem tile
@@ -167,7 +172,7 @@ __global__ void __launch_bounds__(kThreads) row_threshold_kernel(const BlockMask
 }
 
 // ------------------------------------------------------------------------------------------
-// Kernel 2: candidate blocks against the thresholds.
+// Kernel 2: candidate blocks against the thresholds. Shared pieces of both scorers first.
 // ------------------------------------------------------------------------------------------
 
 // What a candidate-scoring CTA works on: query block m (heaviest first) of `heads` consecutive
@@ -191,57 +196,131 @@ __device__ __forceinline__ CandidateCta candidate_cta(const BlockMaskParams& p) 
   return c;
 }
 
-// The CTA's mask rows: the dense set kept, every other block cleared (the scorers then set the
-// kept candidates).
+__device__ __forceinline__ uint32_t* mask_words(const BlockMaskParams& p, const CandidateCta& c, int h) {
+  return p.mask_bits + ((int64_t(c.b) * p.q_heads + h) * p.nQ + c.m) * p.nW;
+}
+
+// The CTA's mask rows hold the dense set and nothing else; the scorers then OR in the kept
+// candidates (after a CTA barrier, so these plain stores are visible to their atomics).
 template <int HEADS>
 __device__ __forceinline__ void init_mask_rows(const BlockMaskParams& p, const CandidateCta& c) {
-  for (int i = threadIdx.x; i < HEADS * p.nK; i += blockDim.x) {
-    const int n = i % p.nK;
-    p.mask[((int64_t(c.b) * p.q_heads + c.h0 + i / p.nK) * p.nQ + c.m) * p.nK + n] =
-        n == 0 || (n >= c.first_window && n <= c.last_causal);
+  for (int i = threadIdx.x; i < HEADS * p.nW; i += blockDim.x) {
+    const int w = i % p.nW, n0 = 32 * w;
+    // Bits of [first_window, last_causal] inside this word, plus the sink.
+    const int lo = max(c.first_window, n0), hi = min(c.last_causal, n0 + 31);
+    uint32_t bits = hi >= lo ? ((hi - lo == 31 ? 0xffffffffu : (1u << (hi - lo + 1)) - 1u) << (lo - n0)) : 0u;
+    if (w == 0) bits |= 1u;
+    mask_words(p, c, c.h0 + i / p.nW)[w] = bits;
   }
 }
 
-// Bias in code units, b~ = rint(x), as the accumulator's start value (the conversion saturates,
-// and the MMAs accumulate with .satfinite, so nothing wraps). For |x| < 2^21, b~ is within 1 of
-// the exact rint(bias / d) (x carries one reciprocal's rounding). A column with |x| >= 2^21
-// makes the block's approximate max reach +-(2^21 - 6272) (positive x: that column is at least
-// that large; negative: it only matters when every column is that small), so kApproxLimit sends
-// such blocks to the exact path.
-__device__ __forceinline__ int32_t approx_bias(float x) { return __float2int_rn(x); }
-constexpr int32_t kApproxLimit = 1 << 20;
+// Bias in code units as the accumulator's start value: the bits of the float 1.5 * 2^23 + x
+// are kBiasedZero + rint(x) for |x| < 2^22 (one FFMA, no conversion instruction); beyond that
+// they stay monotonic in x. x = bias * (1 / d) is within 1 of the exact b = rint(bias / d) for
+// |x| < 2^21. The MMAs accumulate with saturation, so nothing wraps (|E| <= 6272 and float bits
+// stay between INT_MIN + 2^30 and INT_MAX - 2^23).
+constexpr float kBiasMagic = 12582912.f;       // 1.5 * 2^23
+constexpr int32_t kBiasedZero = 0x4B400000;   // its bits
+constexpr int32_t kApproxLimit = 1 << 20;     // |max - kBiasedZero| below this: the +-1 bound holds
+__device__ __forceinline__ int32_t biased_bias(float bias, float rd) {
+  return __float_as_int(fmaf(bias, rd, kBiasMagic));
+}
 
-// Row maximum of (E + b~) over the columns of one accumulator tile (c0, c1 | c2, c3 layout).
 __device__ __forceinline__ int32_t max3(int32_t a, int32_t b, int32_t c) { return __vimax3_s32(a, b, c); }
 
-// One CTA scores query block m of HEADS query heads that share a kv head (GQA), so every K
-// tile staged in shared memory feeds HEADS * 64 rows; each warp owns 32 rows (two m16 tiles) of
-// one head. A step scores one candidate block.
+// The approximate test of one candidate block for the two rows a thread holds (g and g + 8 of a
+// 16-row group, one query scale): best[r] = max over the thread's columns of E + b~ (biased),
+// d = sq * sk > 0. The block is kept when (best - 1) * d > T for a row; `unsure` when the exact
+// b could still flip the answer, or a bias fell outside the approximation's range.
+__device__ __forceinline__ void approx_decide(const int32_t (&best)[2], float d, const float (&thr)[2], bool& hit,
+                                              bool& unsure) {
+  // One unsigned compare per row: best - kBiasedZero in (-kApproxLimit, kApproxLimit).
+  const bool small = uint32_t(best[0] - (kBiasedZero - kApproxLimit)) < uint32_t(2 * kApproxLimit) &&
+                     uint32_t(best[1] - (kBiasedZero - kApproxLimit)) < uint32_t(2 * kApproxLimit);
+  unsure |= !small;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    // In range, the accumulator's bits are the float 1.5 * 2^23 + v: v without a conversion.
+    const float v = __int_as_float(best[r]) - kBiasMagic;
+    const bool surely = small && (v - 1.f) * d > thr[r];
+    hit |= surely;
+    unsure |= !surely && (v + 1.f) * d > thr[r];
+  }
+}
+
+// The exact contribution of one accumulator pair of columns: E = acc - b~ exactly (integers),
+// then E + b in fp32 with b = rint(bias / d), as the reference sums it.
+__device__ __forceinline__ float exact_logit_units(int32_t acc, float bias, float d, float rd) {
+  return float(acc - biased_bias(bias, rd)) + rintf(__fdiv_rn(bias, d));
+}
+
+// Per warp: the kept bits of the current 32-block word, flushed with one atomicOr per word.
+struct KeptBits {
+  uint32_t bits = 0;
+  // Blocks n0 .. n0 + count - 1 (count <= 32) at once: bit i of warp_hits is block n0 + i.
+  __device__ __forceinline__ void add_many(uint32_t warp_hits, int n0, int count, int n_end, uint32_t* words,
+                                           int lane) {
+    const int last = min(n0 + count, n_end) - 1;  // blocks from n_end on are not candidates: dropped
+    if (last < n0) return;
+    const int valid = last - n0 + 1;
+    const uint64_t spread = uint64_t(warp_hits & (valid == 32 ? 0xffffffffu : (1u << valid) - 1u)) << (n0 & 31);
+    if ((n0 >> 5) != (last >> 5)) {  // the range crosses into the next word: flush this one
+      bits |= uint32_t(spread);
+      if (lane == 0 && bits != 0) atomicOr(words + (n0 >> 5), bits);
+      bits = uint32_t(spread >> 32);
+    } else {
+      bits |= uint32_t(spread);
+    }
+    if ((last & 31) == 31 || last == n_end - 1) {
+      if (lane == 0 && bits != 0) atomicOr(words + (last >> 5), bits);
+      bits = 0;
+    }
+  }
+  __device__ __forceinline__ void add(bool warp_hit, int n, int n_end, uint32_t* words, int lane) {
+    if (warp_hit) bits |= 1u << (n & 31);
+    if ((n & 31) == 31 || n == n_end - 1) {
+      if (lane == 0 && bits != 0) atomicOr(words + n / 32, bits);
+      bits = 0;
+    }
+  }
+};
+
+// D(16x8, s32) = A(16x32, s8) * B(32x8, s8) + C, C given separately (the bias start values).
+__device__ __forceinline__ void mma_s8_16x8x32_from(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                                    int32_t c0, int32_t c1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%11,%10,%11};\n"
+      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(c0), "r"(c1));
+}
+
+// mma.sync scorer. One CTA scores query block m of HEADS query heads that share a kv head
+// (GQA), so every K tile staged in shared memory feeds HEADS * 64 rows; each warp owns 32 rows
+// (two m16 tiles) of one head. A step scores one candidate block.
 template <int D, int BK, int HEADS>
 __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const BlockMaskParams p) {
   constexpr int kThreadsC = 64 * HEADS;
-  constexpr int kStep = BK;                 // keys per step: one candidate block
-  constexpr int kBlocks = kStep / BK;       // candidate blocks per step
-  constexpr int kTiles = kStep / 8;         // n8 tiles per step
-  constexpr int kPad = 16;                  // bytes: rows land on distinct banks for ldmatrix
-  constexpr int kCopies = kStep * D / 16;  // 16-byte copies per step
+  constexpr int kTiles = BK / 8;           // n8 tiles per step
+  constexpr int kPad = 16;                 // bytes: rows land on distinct banks for ldmatrix
+  constexpr int kCopies = BK * D / 16;     // 16-byte copies per step
   // Three stages: step s computes on stage s % 3 while s + 1 and s + 2 are in flight, so one
   // barrier per step suffices (the stage refilled at step s was last read at step s - 1).
   constexpr int kStages = 3;
-  __shared__ __align__(16) int8_t ks[kStages][kStep][D + kPad];
-  __shared__ float sbias[kStages][HEADS][kStep];  // qk_bias of the step's keys, staged with the codes
+  __shared__ __align__(16) int8_t ks[kStages][BK][D + kPad];
+  __shared__ __align__(16) float sbias[kStages][HEADS][BK];  // qk_bias of the step's keys
 
   const CandidateCta cta = candidate_cta<HEADS>(p);
-  const int m = cta.m, b = cta.b, hk = cta.hk, h0 = cta.h0, first_window = cta.first_window;
+  const int m = cta.m, b = cta.b, hk = cta.hk, h0 = cta.h0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int h = h0 + warp / 2;
   const int64_t bh = int64_t(b) * p.q_heads + h;
   const int64_t bhk = int64_t(b) * p.kv_heads + hk;
   init_mask_rows<HEADS>(p, cta);
-  bool* mask_row = p.mask + (bh * p.nQ + m) * p.nK;
+  uint32_t* words = mask_words(p, cta, h);
   // Candidates are blocks 1 .. first_window - 1: wholly before e - W, so every existing row of
-  // the query block sees all of their keys, and keys up to first_window * BK + BK exist.
-  const int n_end = first_window;
+  // the query block sees all of their keys, and all of their keys exist.
+  const int n_end = cta.first_window;
   if (n_end <= 1) return;
 
   const int8_t* kc = p.k_codes + bhk * p.nk * D;
@@ -251,15 +330,15 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
       const int key = c / (D / 16), col = (c % (D / 16)) * 16;
       cp_async_16(&ks[buf][key][col], kc + int64_t(key0 + key) * D + col, 16);
     }
-    // Candidate keys all exist; bias rows start anywhere (Nk may be odd): 4-byte copies.
-    for (int c = threadIdx.x; c < HEADS * kStep; c += kThreadsC) {
-      cp_async_4(&sbias[buf][c / kStep][c % kStep],
-                 p.qk_bias + (int64_t(b) * p.q_heads + h0 + c / kStep) * p.nk + key0 + c % kStep, 4);
+    // Bias rows start anywhere (Nk may be odd): 4-byte copies.
+    for (int c = threadIdx.x; c < HEADS * BK; c += kThreadsC) {
+      cp_async_4(&sbias[buf][c / BK][c % BK],
+                 p.qk_bias + (int64_t(b) * p.q_heads + h0 + c / BK) * p.nk + key0 + c % BK, 4);
     }
     cp_async_commit();
   };
   load_step(BK, 0);
-  if (1 + kBlocks < n_end) load_step((1 + kBlocks) * BK, 1);
+  if (2 < n_end) load_step(2 * BK, 1);
 
   // A fragments (int8 query codes) of the warp's two m16 tiles.
   int rows[2][2];
@@ -289,100 +368,98 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
       thr[mt][r] = rows[mt][r] < p.nq ? p.row_threshold[bh * p.nq + rows[mt][r]] : INFINITY;
   }
   const float* kscale = p.k_scale + bhk * p.nk + 2 * t;
+  KeptBits kept;
 
-  for (int n = 1, step = 0; n < n_end; n += kBlocks, ++step) {
+  for (int n = 1, step = 0; n < n_end; ++n, ++step) {
     const int buf = step % kStages;
-    if (n + kBlocks < n_end) cp_async_wait<1>();  // step s + 1's copies may stay in flight
+    if (n + 1 < n_end) cp_async_wait<1>();  // step s + 1's copies may stay in flight
     else cp_async_wait<0>();
     __syncthreads();  // stage s is visible to all; every warp is done with stage s - 1
-    if (n + 2 * kBlocks < n_end) load_step((n + 2 * kBlocks) * BK, (step + 2) % kStages);
+    if (n + 2 < n_end) load_step((n + 2) * BK, (step + 2) % kStages);
 
-    // Every column this thread holds is in key-scale group t of its block (SPEC §2), so one
+    // Every column this thread holds is in key-scale group t of the block (SPEC §2), so one
     // d = sq * sk serves a (m16 tile, block) pair, and the kept test is
     // max_j (E_ij + b_ij) * d > T_i with b_ij = rint(bias_j / d) (d > 0: max before multiply).
-    // The accumulators start at b~_j = rint(bias_j * (1/d)), within 1 of b_ij, so the tensor
-    // cores add the bias and the epilogue is one integer max per element; only a block whose
-    // bound straddles the threshold is decided again with exact division.
-    const int key0 = n * BK;
-    float d[2][kBlocks], rd[2][kBlocks];
+    // The accumulators start at the biased b~_j, so the tensor cores add the bias and the
+    // epilogue is one integer max per element.
+    float d[2], rd[2];
     const float* bj = &sbias[buf][warp / 2][2 * t];  // column (nt, c) at bj[nt * 8 + c]
     int32_t acc[2][kTiles][4];
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-      for (int blk = 0; blk < kBlocks; ++blk) {
-        d[mt][blk] = sq[mt] * kscale[key0 + blk * BK];
-        rd[mt][blk] = __frcp_rn(d[mt][blk]);
-      }
-#pragma unroll
-      for (int nt = 0; nt < kTiles; ++nt) {
-        const int blk = nt / (BK / 8);
-        const float x0 = bj[nt * 8] * rd[mt][blk], x1 = bj[nt * 8 + 1] * rd[mt][blk];
-        acc[mt][nt][0] = acc[mt][nt][2] = approx_bias(x0);
-        acc[mt][nt][1] = acc[mt][nt][3] = approx_bias(x1);
-      }
+      d[mt] = sq[mt] * kscale[n * BK];
+      rd[mt] = __frcp_rn(d[mt]);
     }
 #pragma unroll
     for (int nt = 0; nt < kTiles; ++nt) {
+      const float2 bias = *reinterpret_cast<const float2*>(bj + nt * 8);
 #pragma unroll
       for (int k4 = 0; k4 < D / 64; ++k4) {  // one ldmatrix.x4 = B for two k32 steps
         uint32_t bf[4];
         ldmatrix_x4(bf, &ks[buf][nt * 8 + (lane & 7)][k4 * 64 + (lane >> 3) * 16]);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
-          mma_s8_16x8x32(acc[mt][nt], a[mt][2 * k4], {bf[0], bf[1]});
+          if (k4 == 0) {
+            mma_s8_16x8x32_from(acc[mt][nt], a[mt][0], {bf[0], bf[1]}, biased_bias(bias.x, rd[mt]),
+                                biased_bias(bias.y, rd[mt]));
+          } else {
+            mma_s8_16x8x32(acc[mt][nt], a[mt][2 * k4], {bf[0], bf[1]});
+          }
           mma_s8_16x8x32(acc[mt][nt], a[mt][2 * k4 + 1], {bf[2], bf[3]});
         }
       }
     }
+    bool hit = false, unsure = false;
 #pragma unroll
-    for (int blk = 0; blk < kBlocks; ++blk) {
-      bool hit = false, unsure = false;
+    for (int mt = 0; mt < 2; ++mt) {
+      int32_t best[2] = {acc[mt][0][0], acc[mt][0][2]};
+#pragma unroll
+      for (int nt = 0; nt < kTiles; ++nt) {
+        best[0] = max3(best[0], acc[mt][nt][0], acc[mt][nt][1]);
+        best[1] = max3(best[1], acc[mt][nt][2], acc[mt][nt][3]);
+      }
+      approx_decide(best, d[mt], thr[mt], hit, unsure);
+    }
+    if (__any_sync(0xffffffffu, unsure) && unsure) {
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
-        int32_t best[2] = {acc[mt][blk * (BK / 8)][0], acc[mt][blk * (BK / 8)][2]};
+        float exact[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt) {
-          best[0] = max3(best[0], acc[mt][nt][0], acc[mt][nt][1]);
-          best[1] = max3(best[1], acc[mt][nt][2], acc[mt][nt][3]);
-        }
-        // |x| < 2^21 keeps b~ within 1 of b and every sum exact in int32 and fp32.
-        const bool small = abs(best[0]) < kApproxLimit && abs(best[1]) < kApproxLimit;
-        unsure |= !small;
+        for (int nt = 0; nt < kTiles; ++nt)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float v = float(best[r]);
-          const bool surely = small && (v - 1.f) * d[mt][blk] > thr[mt][r];
-          hit |= surely;
-          unsure |= !surely && (v + 1.f) * d[mt][blk] > thr[mt][r];
-        }
-      }
-      if (__any_sync(0xffffffffu, unsure) && unsure) {
-        // Exact: E = acc - b~ (int), then E + b summed in fp32 as the reference does.
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          float exact[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-          for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt) {
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              const int32_t approx_b = approx_bias(bj[nt * 8 + c] * rd[mt][blk]);
-              const float bb = rintf(__fdiv_rn(bj[nt * 8 + c], d[mt][blk]));
-              exact[0] = fmaxf(exact[0], float(acc[mt][nt][c] - approx_b) + bb);
-              exact[1] = fmaxf(exact[1], float(acc[mt][nt][2 + c] - approx_b) + bb);
-            }
+          for (int c = 0; c < 2; ++c) {
+            exact[0] = fmaxf(exact[0], exact_logit_units(acc[mt][nt][c], bj[nt * 8 + c], d[mt], rd[mt]));
+            exact[1] = fmaxf(exact[1], exact_logit_units(acc[mt][nt][2 + c], bj[nt * 8 + c], d[mt], rd[mt]));
           }
-          hit |= exact[0] * d[mt][blk] > thr[mt][0] || exact[1] * d[mt][blk] > thr[mt][1];
-        }
+        hit |= exact[0] * d[mt] > thr[mt][0] || exact[1] * d[mt] > thr[mt][1];
       }
-      // Both warps of a head may set the flag: the same value, so the race is benign.
-      if (__any_sync(0xffffffffu, hit) && lane == 0 && n + blk < n_end) mask_row[n + blk] = true;
     }
+    kept.add(__any_sync(0xffffffffu, hit), n, n_end, words, lane);
   }
 }
 
 template <int D, int BK, int HEADS>
-__global__ void candidate_kernel_sm90(const BlockMaskParams p);  // block_mask_sm90.cuh
+__global__ void candidate_kernel_ws(const BlockMaskParams p);  // block_mask_sm90.cuh
+template <int D, int BK, int HEADS>
+cudaError_t launch_candidate_ws(const BlockMaskParams& p, cudaStream_t stream);  // block_mask_sm90.cuh
+
+// bool view [B, Hq, nQ, nK] of the bit-packed mask.
+__global__ void expand_mask_kernel(const uint32_t* __restrict__ bits, bool* __restrict__ mask, int64_t rows, int nK,
+                                   int nW) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * nK) return;
+  const int64_t row = i / nK;
+  const int n = int(i % nK);
+  mask[i] = (bits[row * nW + n / 32] >> (n & 31)) & 1u;
+}
+
+inline cudaError_t launch_expand_mask(const uint32_t* bits, bool* mask, int64_t rows, int nK, int nW,
+                                      cudaStream_t stream) {
+  const int64_t total = rows * nK;
+  if (total == 0) return cudaSuccess;
+  expand_mask_kernel<<<unsigned((total + 255) / 256), 256, 0, stream>>>(bits, mask, rows, nK, nW);
+  return cudaGetLastError();
+}
 
 template <typename T, int D, int BK>
 inline cudaError_t launch_block_mask_impl(const BlockMaskParams& p, cudaStream_t stream) {
@@ -392,13 +469,12 @@ inline cudaError_t launch_block_mask_impl(const BlockMaskParams& p, cudaStream_t
   // As many query heads of a kv group per CTA as divide the group, up to 4.
   const int group = p.q_heads / p.kv_heads;
   const int heads = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
-  const dim3 grid(p.nQ, p.q_heads / heads, p.batch);
-  if (p.use_wgmma) {  // one warpgroup per head; at most 2 per CTA keeps registers unspilled
-    const dim3 grid_wg(p.nQ, p.q_heads / (heads >= 2 ? 2 : 1), p.batch);
-    if (heads >= 2) candidate_kernel_sm90<D, BK, 2><<<grid_wg, 256, 0, stream>>>(p);
-    else candidate_kernel_sm90<D, BK, 1><<<grid_wg, 128, 0, stream>>>(p);
-    return cudaGetLastError();
+  if (p.use_wgmma) {
+    if (heads == 4) return launch_candidate_ws<D, BK, 4>(p, stream);
+    if (heads == 2) return launch_candidate_ws<D, BK, 2>(p, stream);
+    return launch_candidate_ws<D, BK, 1>(p, stream);
   }
+  const dim3 grid(p.nQ, p.q_heads / heads, p.batch);
   if (heads == 4) candidate_kernel<D, BK, 4><<<grid, 256, 0, stream>>>(p);
   else if (heads == 2) candidate_kernel<D, BK, 2><<<grid, 128, 0, stream>>>(p);
   else candidate_kernel<D, BK, 1><<<grid, 64, 0, stream>>>(p);

@@ -23,7 +23,11 @@ struct BlockSparseAttentionParams {
   int64_t q_batch_stride, q_head_stride, q_row_stride;  // in elements
   int64_t k_batch_stride, k_head_stride, k_row_stride;
   int64_t v_batch_stride, v_head_stride, v_row_stride;
-  const uint8_t* mask;  // [B, Hq, nQ, nK] bool, any strides (expanded masks are fine)
+  // The block mask, either bool [B, Hq, nQ, nK] (any strides: expanded masks are fine) or, when
+  // mask_packed, int32 words [B, Hq, nQ, ceil(nK / 32)] with bit n % 32 of word n / 32 = block n
+  // (the estimator's output); strides in elements of the respective type.
+  const void* mask;
+  bool mask_packed;
   int64_t mask_batch_stride, mask_head_stride, mask_row_stride, mask_col_stride;
   void* out;   // [B, Hq, Nq, D] contiguous, dtype of q
   float* lse;  // [B, Hq, Nq] contiguous
@@ -67,7 +71,14 @@ __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(con
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  const uint8_t* mask_row = p.mask + b * p.mask_batch_stride + h * p.mask_head_stride + m * p.mask_row_stride;
+  const int64_t mask_row = b * p.mask_batch_stride + h * p.mask_head_stride + m * p.mask_row_stride;
+  auto block_kept = [&](int n) -> bool {
+    if (p.mask_packed) {
+      const uint32_t* words = static_cast<const uint32_t*>(p.mask) + mask_row;
+      return (words[(n >> 5) * p.mask_col_stride] >> (n & 31)) & 1u;
+    }
+    return static_cast<const uint8_t*>(p.mask)[mask_row + n * p.mask_col_stride] != 0;
+  };
 
   // A fragments of the warp's 16 query rows (rows past Nq are zero: finite, never stored).
   uint32_t qa[D / 16][4];
@@ -98,7 +109,7 @@ __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(con
     int count = 0;
     for (int base = c0, round = 0; base < c1; base += kThreads, ++round) {
       const int n = base + tid;
-      const bool kept = n < c1 && mask_row[n * p.mask_col_stride] != 0;
+      const bool kept = n < c1 && block_kept(n);
       const unsigned ballot = __ballot_sync(0xffffffffu, kept);
       if (lane == 0) sm.warp_count[round & 1][warp] = __popc(ballot);
       __syncthreads();

@@ -29,9 +29,11 @@ void check_cuda_tensor(const Tensor& t, const char* name, ScalarType dtype, int6
   STD_TORCH_CHECK(t.dim() == dim, kOp, ": argument '", name, "' must have ", dim, " dimensions, got ", t.dim());
 }
 
-Tensor block_mask_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tensor k_codes, Tensor k_scale,
-                       Tensor qk_bias, Tensor k_mean, Tensor tau, int64_t bq, int64_t bk, int64_t window,
-                       double scale) {
+// The bit-packed mask [B, Hq, nQ, ceil(nK / 32)] (int32 words; bit n % 32 of word n / 32 is key
+// block n), written by the kernels of cpp/sale/block_mask.cuh.
+Tensor block_mask_bits_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tensor k_codes, Tensor k_scale,
+                            Tensor qk_bias, Tensor k_mean, Tensor tau, int64_t bq, int64_t bk, int64_t window,
+                            double scale) {
   const ScalarType dt = q.scalar_type();
   STD_TORCH_CHECK(dt == ScalarType::BFloat16 || dt == ScalarType::Half, kOp,
                      ": argument 'q' must be float16 or bfloat16");
@@ -69,9 +71,9 @@ Tensor block_mask_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tenso
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   const cudaStream_t stream = sale_entry::current_stream(q);
 
-  const int64_t nQ = (Nq + bq - 1) / bq, nK = (Nk + bk - 1) / bk;
+  const int64_t nQ = (Nq + bq - 1) / bq, nK = (Nk + bk - 1) / bk, nW = (nK + 31) / 32;
   Tensor threshold = torch::stable::new_empty(q, {B, Hq, Nq}, ScalarType::Float);
-  Tensor mask = torch::stable::new_empty(q, {B, Hq, nQ, nK}, ScalarType::Bool);
+  Tensor bits = torch::stable::new_empty(q, {B, Hq, nQ, nW}, ScalarType::Int);
 
   sale::BlockMaskParams p{};
   p.q = q.const_data_ptr();
@@ -86,19 +88,39 @@ Tensor block_mask_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tenso
   p.k_mean = static_cast<const float*>(k_mean.const_data_ptr());
   p.tau = static_cast<const float*>(tau.const_data_ptr());
   p.row_threshold = static_cast<float*>(threshold.mutable_data_ptr());
-  p.mask = static_cast<bool*>(mask.mutable_data_ptr());
+  p.mask_bits = static_cast<uint32_t*>(bits.mutable_data_ptr());
   p.batch = int(B), p.q_heads = int(Hq), p.kv_heads = int(Hkv), p.nq = int(Nq), p.nk = int(Nk);
-  p.bk = int(bk), p.window = int(window), p.nQ = int(nQ), p.nK = int(nK);
+  p.bk = int(bk), p.window = int(window), p.nQ = int(nQ), p.nK = int(nK), p.nW = int(nW);
   p.scale = float(scale);
-  // The mma.sync scorer is the faster one today (benchmarks/RESULTS.md); SALE_OPS_ESTIMATOR=wgmma
-  // selects the warpgroup-MMA scorer, which decides identically.
+  // The warp-specialised wgmma scorer is the default (faster, benchmarks/RESULTS.md);
+  // SALE_OPS_ESTIMATOR=mma selects the mma.sync scorer, which decides identically.
   const char* estimator = std::getenv("SALE_OPS_ESTIMATOR");
-  p.use_wgmma = estimator && std::string(estimator) == "wgmma";
+  p.use_wgmma = !(estimator && std::string(estimator) == "mma");
   const cudaError_t err = sale::launch_block_mask(p, dt == ScalarType::BFloat16, int(D), stream);
+  STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
+  return bits;
+}
+
+// The bool view [B, Hq, nQ, nK] of the same selection.
+Tensor block_mask_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tensor k_codes, Tensor k_scale,
+                       Tensor qk_bias, Tensor k_mean, Tensor tau, int64_t bq, int64_t bk, int64_t window,
+                       double scale) {
+  Tensor bits = block_mask_bits_cuda(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, bq, bk, window,
+                                     scale);
+  const int64_t B = bits.size(0), Hq = bits.size(1), nQ = bits.size(2), nW = bits.size(3);
+  const int64_t nK = (k.size(2) + bk - 1) / bk;
+  Tensor mask = torch::stable::new_empty(q, {B, Hq, nQ, nK}, ScalarType::Bool);
+  const cudaError_t err =
+      sale::launch_expand_mask(static_cast<const uint32_t*>(bits.const_data_ptr()),
+                               static_cast<bool*>(mask.mutable_data_ptr()), B * Hq * nQ, int(nK), int(nW),
+                               sale_entry::current_stream(q));
   STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   return mask;
 }
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(sale, CUDA, m) { m.impl("block_mask", TORCH_BOX(&block_mask_cuda)); }
+STABLE_TORCH_LIBRARY_IMPL(sale, CUDA, m) {
+  m.impl("block_mask", TORCH_BOX(&block_mask_cuda));
+  m.impl("block_mask_bits", TORCH_BOX(&block_mask_bits_cuda));
+}

@@ -39,8 +39,9 @@ std::tuple<Tensor, Tensor> block_sparse_attention_cuda(Tensor q, Tensor k, Tenso
                      "; supported: float16, bfloat16");
   STD_TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, kOp, ": arguments 'k' (", k.scalar_type(),
                      ") and 'v' (", v.scalar_type(), ") must have the dtype of 'q' (", dt, ")");
-  STD_TORCH_CHECK(block_mask.scalar_type() == ScalarType::Bool, kOp, ": argument 'block_mask' has dtype ",
-                     block_mask.scalar_type(), "; supported: bool");
+  const bool packed = block_mask.scalar_type() == ScalarType::Int;
+  STD_TORCH_CHECK(packed || block_mask.scalar_type() == ScalarType::Bool, kOp, ": argument 'block_mask' has dtype ",
+                     block_mask.scalar_type(), "; supported: bool, or int32 bit-packed words (sale.block_mask_bits)");
 
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2);
@@ -66,11 +67,13 @@ std::tuple<Tensor, Tensor> block_sparse_attention_cuda(Tensor q, Tensor k, Tenso
   STD_TORCH_CHECK(B <= 65535 && Hq <= 65535, kOp, ": batch (", B, ") and query heads (", Hq,
                      ") must each be at most 65535");
   const int64_t nQ = (Nq + bq - 1) / bq, nK = (Nk + bk - 1) / bk;
+  const int64_t mask_cols = packed ? (nK + 31) / 32 : nK;
   STD_TORCH_CHECK(block_mask.size(0) == B && block_mask.size(1) == Hq && block_mask.size(2) == nQ &&
-                         block_mask.size(3) == nK,
-                     kOp, ": argument 'block_mask' must have shape [B, Hq, ceil(Nq/bq), ceil(Nk/bk)] = [", B, ", ", Hq,
-                     ", ", nQ, ", ", nK, "], got [", block_mask.size(0), ", ", block_mask.size(1), ", ",
-                     block_mask.size(2), ", ", block_mask.size(3), "]");
+                         block_mask.size(3) == mask_cols,
+                     kOp, ": argument 'block_mask' must have shape [B, Hq, ceil(Nq/bq), ",
+                     packed ? "ceil(ceil(Nk/bk)/32)" : "ceil(Nk/bk)", "] = [", B, ", ", Hq, ", ", nQ, ", ", mask_cols,
+                     "], got [", block_mask.size(0), ", ", block_mask.size(1), ", ", block_mask.size(2), ", ",
+                     block_mask.size(3), "]");
   sale_entry::check_rows_aligned(kOp, q, "q");
   sale_entry::check_rows_aligned(kOp, k, "k");
   sale_entry::check_rows_aligned(kOp, v, "v");
@@ -88,7 +91,8 @@ std::tuple<Tensor, Tensor> block_sparse_attention_cuda(Tensor q, Tensor k, Tenso
   p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
   p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
   p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
-  p.mask = static_cast<const uint8_t*>(block_mask.const_data_ptr());
+  p.mask = block_mask.const_data_ptr();
+  p.mask_packed = packed;
   p.mask_batch_stride = block_mask.stride(0), p.mask_head_stride = block_mask.stride(1);
   p.mask_row_stride = block_mask.stride(2), p.mask_col_stride = block_mask.stride(3);
   p.out = out.mutable_data_ptr();

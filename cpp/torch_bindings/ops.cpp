@@ -9,6 +9,7 @@
 STABLE_TORCH_LIBRARY(sale, m) {
   m.def("quantize(Tensor q, Tensor k, int bk) -> (Tensor q_codes, Tensor q_scale, Tensor k_codes, Tensor k_scale, Tensor qk_bias, Tensor k_mean)");
   m.def("block_mask(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tensor k_codes, Tensor k_scale, Tensor qk_bias, Tensor k_mean, Tensor tau, int bq, int bk, int window, float scale) -> Tensor");
+  m.def("block_mask_bits(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tensor k_codes, Tensor k_scale, Tensor qk_bias, Tensor k_mean, Tensor tau, int bq, int bk, int window, float scale) -> Tensor");
   m.def("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor block_mask, int bq, int bk, float scale, bool causal) -> (Tensor out, Tensor lse)");
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor tau, int bq, int bk, int window, float scale, bool causal, int dense_below) -> (Tensor out, Tensor lse, Tensor block_mask)");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor tau, int bq, int bk, int window, float scale, bool causal, int dense_below) -> (Tensor out, Tensor lse, Tensor block_mask_bits)");
 }

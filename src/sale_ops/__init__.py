@@ -24,6 +24,7 @@ from .functional import (  # noqa: E402
     quantize,
 )
 from ._reference_backend import backend_summary  # noqa: E402
+from .mask_bits import pack_block_mask, unpack_block_mask  # noqa: E402
 from .reference import Quantized  # noqa: E402
 
 __version__ = "0.1.0"
@@ -34,6 +35,8 @@ __all__ = [
     "block_mask",
     "block_sparse_attention",
     "block_density",
+    "pack_block_mask",
+    "unpack_block_mask",
     "AttentionOutput",
     "Quantized",
     "reference",

@@ -139,18 +139,23 @@ def check_tau_values(op: str, tau: torch.Tensor, name: str = "tau") -> None:
 
 
 def check_block_mask(op: str, mask, q: torch.Tensor, k: torch.Tensor, bq: int, bk: int) -> None:
+    """A bool mask ``[B, Hq, nQ, nK]`` or its bit-packed int32 form ``[B, Hq, nQ, ceil(nK/32)]``."""
     check_tensor(op, "block_mask", mask, 4)
     check_same_device(op, q=q, block_mask=mask)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{op}: argument 'block_mask' has dtype {mask.dtype}; supported: torch.bool")
+    if mask.dtype not in (torch.bool, torch.int32):
+        raise TypeError(
+            f"{op}: argument 'block_mask' has dtype {mask.dtype}; supported: torch.bool, or torch.int32 "
+            f"bit-packed words (sale_ops.mask_bits)"
+        )
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
-    want = (B, Hq, -(-Nq // bq), -(-Nk // bk))
+    nK = -(-Nk // bk)
+    if mask.dtype == torch.bool:
+        want, what = (B, Hq, -(-Nq // bq), nK), "[B, Hq, ceil(Nq/bq), ceil(Nk/bk)]"
+    else:
+        want, what = (B, Hq, -(-Nq // bq), -(-nK // 32)), "[B, Hq, ceil(Nq/bq), ceil(ceil(Nk/bk)/32)]"
     if tuple(mask.shape) != want:
-        raise ValueError(
-            f"{op}: argument 'block_mask' must have shape [B, Hq, ceil(Nq/bq), ceil(Nk/bk)] = {want}, "
-            f"got {tuple(mask.shape)}"
-        )
+        raise ValueError(f"{op}: argument 'block_mask' must have shape {what} = {want}, got {tuple(mask.shape)}")
 
 
 def check_quantized(op: str, q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean) -> None:

@@ -39,6 +39,13 @@ def _block_mask_fake(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, 
     return q.new_empty((B, Hq, _cdiv(Nq, bq), _cdiv(k.shape[2], bk)), dtype=torch.bool)
 
 
+@torch.library.register_fake("sale::block_mask_bits")
+def _block_mask_bits_fake(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, bq, bk, window, scale):
+    _checks.block_mask_args(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, bq, bk, window, scale)
+    B, Hq, Nq, _ = q.shape
+    return q.new_empty((B, Hq, _cdiv(Nq, bq), _cdiv(_cdiv(k.shape[2], bk), 32)), dtype=torch.int32)
+
+
 @torch.library.register_fake("sale::block_sparse_attention")
 def _block_sparse_attention_fake(q, k, v, block_mask, bq, bk, scale, causal):
     _checks.block_sparse_attention_args(q, k, v, block_mask, bq, bk, scale, causal)
@@ -52,5 +59,5 @@ def _attention_fake(q, k, v, tau, bq, bk, window, scale, causal, dense_below):
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         q.new_empty((B, Hq, Nq), dtype=torch.float32),
-        q.new_empty((B, Hq, _cdiv(Nq, bq), _cdiv(k.shape[2], bk)), dtype=torch.bool),
+        q.new_empty((B, Hq, _cdiv(Nq, bq), _cdiv(_cdiv(k.shape[2], bk), 32)), dtype=torch.int32),
     )

@@ -11,6 +11,7 @@ import torch
 
 from . import _checks
 from . import reference as ref
+from .mask_bits import pack_block_mask, unpack_block_mask
 
 # Ops whose CUDA implementation is still the reference below; each CUDA kernel that lands takes
 # its op off this list and registers itself for the CUDA key in C++ (cpp/torch_bindings/*_cuda.cu).
@@ -32,9 +33,7 @@ def _quantize(q, k, bk):
     return _contiguous(*ref.quantize(q, k, bk))
 
 
-@torch.library.register_kernel("sale::block_mask", _devices("block_mask"))
-def _block_mask(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, bq, bk, window, scale):
-    """sale.block_mask through the PyTorch reference (SPEC §4)."""
+def _reference_mask(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, bq, bk, window, scale):
     _checks.block_mask_args(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, bq, bk, window, scale)
     if tau.device.type == "cpu":
         _checks.check_tau_values("sale.block_mask", tau)
@@ -42,10 +41,26 @@ def _block_mask(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, 
     return ref.block_mask(q, k, qz, tau, bq, bk, window, scale).contiguous()
 
 
+@torch.library.register_kernel("sale::block_mask", _devices("block_mask"))
+def _block_mask(*args):
+    """sale.block_mask through the PyTorch reference (SPEC §4)."""
+    return _reference_mask(*args)
+
+
+@torch.library.register_kernel("sale::block_mask_bits", _devices("block_mask"))
+def _block_mask_bits(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, bq, bk, window, scale):
+    """sale.block_mask_bits: the reference mask, bit-packed (sale_ops.mask_bits)."""
+    return pack_block_mask(
+        _reference_mask(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, bq, bk, window, scale)
+    )
+
+
 @torch.library.register_kernel("sale::block_sparse_attention", _devices("block_sparse_attention"))
 def _block_sparse_attention(q, k, v, block_mask, bq, bk, scale, causal):
     """sale.block_sparse_attention through the PyTorch reference (SPEC §5)."""
     _checks.block_sparse_attention_args(q, k, v, block_mask, bq, bk, scale, causal)
+    if block_mask.dtype == torch.int32:
+        block_mask = unpack_block_mask(block_mask, -(-k.shape[2] // bk))
     return _contiguous(*ref.block_sparse_attention(q, k, v, block_mask, bq, bk, scale, causal))
 
 
@@ -58,11 +73,12 @@ def _attention(q, k, v, tau, bq, bk, window, scale, causal, dense_below):
         _checks.check_tau_values("sale.attention", tau)
     B, Hq, Nq = q.shape[:3]
     Nk = k.shape[2]
+    # The mask travels bit-packed (1/8 of a bool mask's memory; sale_ops.mask_bits).
     if Nk < dense_below:
-        mask = ref.causal_blocks(Nq, Nk, bq, bk, q.device).expand(B, Hq, -1, -1).contiguous()
+        mask = pack_block_mask(ref.causal_blocks(Nq, Nk, bq, bk, q.device)).expand(B, Hq, -1, -1).contiguous()
     else:
         qz = torch.ops.sale.quantize(q, k, bk)
-        mask = torch.ops.sale.block_mask(q, k, *qz, tau, bq, bk, window, scale)
+        mask = torch.ops.sale.block_mask_bits(q, k, *qz, tau, bq, bk, window, scale)
     out, lse = torch.ops.sale.block_sparse_attention(q, k, v, mask, bq, bk, scale, True)
     return out, lse, mask
 

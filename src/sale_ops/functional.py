@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from . import _checks
+from .mask_bits import unpack_block_mask
 from .reference import Quantized, block_density
 
 __all__ = [
@@ -134,9 +135,10 @@ def attention(
     _checks.check_qkv(op, q, k, v)
     tau = _thresholds(op, thresholds, q)
     dense_below = DEFAULT_DENSE_BELOW if dense_below is None else int(dense_below)
-    out, lse, mask = torch.ops.sale.attention(q, k, v, tau, bq, bk, window, _scale(scale, q), True, dense_below)
+    out, lse, bits = torch.ops.sale.attention(q, k, v, tau, bq, bk, window, _scale(scale, q), True, dense_below)
     if not (return_lse or return_block_mask):
         return out
+    mask = unpack_block_mask(bits, -(-k.shape[2] // bk)) if return_block_mask else None
     density = block_density(mask, q.shape[2], k.shape[2], bq, bk) if return_block_mask else None
     return AttentionOutput(out, lse if return_lse else None, mask if return_block_mask else None, density)
 
@@ -157,16 +159,20 @@ def block_mask(
     bk: int = DEFAULT_BK,
     window: int = DEFAULT_WINDOW,
     scale: Optional[float] = None,
+    packed: bool = False,
 ) -> torch.Tensor:
     """SPEC §4: the kept blocks ``[B, Hq, ceil(Nq/bq), ceil(Nk/bk)]`` (bool) for causal prefill.
 
-    ``quantized`` reuses the output of :func:`quantize` (computed here when None).
+    ``quantized`` reuses the output of :func:`quantize` (computed here when None). With
+    ``packed=True`` the mask comes bit-packed as int32 ``[B, Hq, ceil(Nq/bq), ceil(nK/32)]``
+    (:mod:`sale_ops.mask_bits`), the form :func:`block_sparse_attention` also accepts.
     """
     op = "sale_ops.block_mask"
     _checks.check_qk(op, q, k)
     tau = _thresholds(op, thresholds, q)
     qz = quantize(q, k, bk=bk) if quantized is None else quantized
-    return torch.ops.sale.block_mask(q, k, *qz, tau, bq, bk, window, _scale(scale, q))
+    select = torch.ops.sale.block_mask_bits if packed else torch.ops.sale.block_mask
+    return select(q, k, *qz, tau, bq, bk, window, _scale(scale, q))
 
 
 def _check_no_empty_rows(op: str, mask: torch.Tensor, nq: int, nk: int, bq: int, bk: int, causal: bool) -> None:
@@ -200,7 +206,8 @@ def block_sparse_attention(
     return_lse: bool = False,
 ):
     """SPEC §5: attention over the kept ``bq × bk`` blocks of ``block_mask``
-    (``[B, Hq, ceil(Nq/bq), ceil(Nk/bk)]`` bool), causally masked when ``causal``.
+    (``[B, Hq, ceil(Nq/bq), ceil(Nk/bk)]`` bool, or its bit-packed int32 form from
+    :mod:`sale_ops.mask_bits`), causally masked when ``causal``.
 
     Returns ``out`` or ``(out, lse)``; a mask that leaves a row without a visible key is refused
     (checked in eager mode).
@@ -210,6 +217,7 @@ def block_sparse_attention(
     _checks.check_blocks(op, bq, bk)
     _checks.check_block_mask(op, block_mask, q, k, bq, bk)
     if _values_are_checkable(block_mask):
-        _check_no_empty_rows(op, block_mask, q.shape[2], k.shape[2], bq, bk, causal)
+        dense = block_mask if block_mask.dtype == torch.bool else unpack_block_mask(block_mask, -(-k.shape[2] // bk))
+        _check_no_empty_rows(op, dense, q.shape[2], k.shape[2], bq, bk, causal)
     out, lse = torch.ops.sale.block_sparse_attention(q, k, v, block_mask, bq, bk, _scale(scale, q), causal)
     return (out, lse) if return_lse else out
