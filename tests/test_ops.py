@@ -136,3 +136,22 @@ def test_block_sparse_attention_non_causal_and_strided_inputs():
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)
     assert not qt.is_contiguous()
     torch.testing.assert_close(sale_ops.block_sparse_attention(qt, k, v, mask, causal=False), out)
+
+
+@pytest.mark.parametrize("share", [1.0, 0.2, 0.05, 0.0])
+def test_selection_in_head_steps_equals_all_heads_at_once(monkeypatch, share):
+    """sale.attention selects a few heads at a time to bound memory; the mask must not change."""
+    from sale_ops import _pipeline
+
+    q, k, v = make_qkv(2, 8, 2, 300, 64, seed=5)
+    tau = torch.logspace(-4, -1, 8)
+    qz = torch.ops.sale.quantize(q, k, 32)
+    want = torch.ops.sale.block_mask_bits(q, k, *qz, tau, 64, 32, 128, 0.125)
+    monkeypatch.setattr(_pipeline, "SELECTION_MEMORY_SHARE", share)
+    steps = _pipeline.selection_steps(q, k, v, 64, 32)
+    got = _pipeline.select_blocks(q, k, v, tau, 64, 32, 128, 0.125)
+    assert torch.equal(got, want), steps
+    if share == 0.0:
+        assert steps == (1, 1)  # one query head at a time
+    if share == 1.0:
+        assert steps == (2, 4)  # everything at once

@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       Barrier::init(&sm.full[s], ws::kProducerThreads);  // one cp.async arrival per producer thread
-      Barrier::init(&sm.empty[s], 4 * HEADS);   // one arrival per consumer warp
+      Barrier::init(&sm.empty[s], kConsumers);  // one arrival per consumer thread
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -224,8 +224,8 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
       }
     }
     kept.add_many(__reduce_or_sync(0xffffffffu, hits), 1 + s * kBlocks, kBlocks, n_end, words, lane);
-    __syncwarp();
-    if (lane == 0) Barrier::arrive(&sm.empty[stage]);  // this warp is done with the stage
+    Barrier::arrive(&sm.empty[stage]);  // this thread is done with the stage (every thread arrives:
+                                        // each read is ordered before its own release)
   }
 }
 

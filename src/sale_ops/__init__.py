@@ -9,7 +9,7 @@ from ._library import load_library as _load_library
 
 _load_library()
 
-from . import _fake, _reference_backend  # noqa: E402,F401  (registrations)
+from . import _fake, _pipeline, _reference_backend  # noqa: E402,F401  (registrations)
 from . import reference  # noqa: E402
 from .functional import (  # noqa: E402
     DEFAULT_BK,

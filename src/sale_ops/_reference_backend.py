@@ -64,25 +64,6 @@ def _block_sparse_attention(q, k, v, block_mask, bq, bk, scale, causal):
     return _contiguous(*ref.block_sparse_attention(q, k, v, block_mask, bq, bk, scale, causal))
 
 
-@torch.library.register_kernel("sale::attention", ("cpu", "cuda"))
-def _attention(q, k, v, tau, bq, bk, window, scale, causal, dense_below):
-    """sale.attention as quantize -> block_mask -> block_sparse_attention (SPEC §6), each step
-    dispatched to whatever serves it on this device (a kernel or the reference)."""
-    _checks.attention_args(q, k, v, tau, bq, bk, window, scale, causal, dense_below)
-    if tau.device.type == "cpu":
-        _checks.check_tau_values("sale.attention", tau)
-    B, Hq, Nq = q.shape[:3]
-    Nk = k.shape[2]
-    # The mask travels bit-packed (1/8 of a bool mask's memory; sale_ops.mask_bits).
-    if Nk < dense_below:
-        mask = pack_block_mask(ref.causal_blocks(Nq, Nk, bq, bk, q.device)).expand(B, Hq, -1, -1).contiguous()
-    else:
-        qz = torch.ops.sale.quantize(q, k, bk)
-        mask = torch.ops.sale.block_mask_bits(q, k, *qz, tau, bq, bk, window, scale)
-    out, lse = torch.ops.sale.block_sparse_attention(q, k, v, mask, bq, bk, scale, True)
-    return out, lse, mask
-
-
 def backend_summary(device) -> str:
     """Which implementation serves the ``torch.ops.sale`` ops on ``device`` (for logs and demos)."""
     kind = torch.device(device).type
