@@ -258,7 +258,7 @@ __device__ __forceinline__ float exact_logit_units(int32_t acc, float bias, floa
 struct KeptBits {
   uint32_t bits = 0;
   // Blocks n0 .. n0 + count - 1 (count <= 32) at once: bit i of warp_hits is block n0 + i.
-  __device__ __forceinline__ void add_many(uint32_t warp_hits, int n0, int count, int n_end, uint32_t* words,
+  __device__ __forceinline__ void add(uint32_t warp_hits, int n0, int count, int n_end, uint32_t* words,
                                            int lane) {
     const int last = min(n0 + count, n_end) - 1;  // blocks from n_end on are not candidates: dropped
     if (last < n0) return;
@@ -276,24 +276,7 @@ struct KeptBits {
       bits = 0;
     }
   }
-  __device__ __forceinline__ void add(bool warp_hit, int n, int n_end, uint32_t* words, int lane) {
-    if (warp_hit) bits |= 1u << (n & 31);
-    if ((n & 31) == 31 || n == n_end - 1) {
-      if (lane == 0 && bits != 0) atomicOr(words + n / 32, bits);
-      bits = 0;
-    }
-  }
 };
-
-// D(16x8, s32) = A(16x32, s8) * B(32x8, s8) + C, C given separately (the bias start values).
-__device__ __forceinline__ void mma_s8_16x8x32_from(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
-                                                    int32_t c0, int32_t c1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%10,%11,%10,%11};\n"
-      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(c0), "r"(c1));
-}
 
 // mma.sync scorer. One CTA scores query block m of HEADS query heads that share a kv head
 // (GQA), so every K tile staged in shared memory feeds HEADS * 64 rows; each warp owns 32 rows
@@ -434,7 +417,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
         hit |= exact[0] * d[mt] > thr[mt][0] || exact[1] * d[mt] > thr[mt][1];
       }
     }
-    kept.add(__any_sync(0xffffffffu, hit), n, n_end, words, lane);
+    kept.add(__any_sync(0xffffffffu, hit), n, 1, n_end, words, lane);
   }
 }
 

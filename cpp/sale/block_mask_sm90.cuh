@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
         hits = (hits & ~(1u << blk)) | (uint32_t(hit) << blk);
       }
     }
-    kept.add_many(__reduce_or_sync(0xffffffffu, hits), 1 + s * kBlocks, kBlocks, n_end, words, lane);
+    kept.add(__reduce_or_sync(0xffffffffu, hits), 1 + s * kBlocks, kBlocks, n_end, words, lane);
     Barrier::arrive(&sm.empty[stage]);  // this thread is done with the stage (every thread arrives:
                                         // each read is ordered before its own release)
   }

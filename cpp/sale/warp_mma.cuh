@@ -26,6 +26,17 @@ __device__ __forceinline__ void mma_s8_16x8x32(int32_t (&c)[4], const uint32_t (
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// D(16x8, s32) = A(16x32, s8) * B(32x8, s8) + C, saturating, with C given as one value per column
+// pair (c0, c1), the same for rows g and g + 8 (a per-key start value, e.g. a bias).
+__device__ __forceinline__ void mma_s8_16x8x32_from(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                                    int32_t c0, int32_t c1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%11,%10,%11};\n"
+      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(c0), "r"(c1));
+}
+
 // D(16x8, f32) += A(16x16, f16/bf16, row) * B(16x8, f16/bf16, col).
 template <typename T>
 __device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);

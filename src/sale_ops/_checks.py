@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .mask_bits import words_per_row
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_BQ = (64,)
@@ -153,7 +155,7 @@ def check_block_mask(op: str, mask, q: torch.Tensor, k: torch.Tensor, bq: int, b
     if mask.dtype == torch.bool:
         want, what = (B, Hq, -(-Nq // bq), nK), "[B, Hq, ceil(Nq/bq), ceil(Nk/bk)]"
     else:
-        want, what = (B, Hq, -(-Nq // bq), -(-nK // 32)), "[B, Hq, ceil(Nq/bq), ceil(ceil(Nk/bk)/32)]"
+        want, what = (B, Hq, -(-Nq // bq), words_per_row(nK)), "[B, Hq, ceil(Nq/bq), ceil(ceil(Nk/bk)/32)]"
     if tuple(mask.shape) != want:
         raise ValueError(f"{op}: argument 'block_mask' must have shape {what} = {want}, got {tuple(mask.shape)}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
+from .mask_bits import words_per_row
 
 
 def _cdiv(a, b):
@@ -43,7 +44,7 @@ def _block_mask_fake(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, 
 def _block_mask_bits_fake(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, bq, bk, window, scale):
     _checks.block_mask_args(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, bq, bk, window, scale)
     B, Hq, Nq, _ = q.shape
-    return q.new_empty((B, Hq, _cdiv(Nq, bq), _cdiv(_cdiv(k.shape[2], bk), 32)), dtype=torch.int32)
+    return q.new_empty((B, Hq, _cdiv(Nq, bq), words_per_row(_cdiv(k.shape[2], bk))), dtype=torch.int32)
 
 
 @torch.library.register_fake("sale::block_sparse_attention")
@@ -59,5 +60,5 @@ def _attention_fake(q, k, v, tau, bq, bk, window, scale, causal, dense_below):
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         q.new_empty((B, Hq, Nq), dtype=torch.float32),
-        q.new_empty((B, Hq, _cdiv(Nq, bq), _cdiv(_cdiv(k.shape[2], bk), 32)), dtype=torch.int32),
+        q.new_empty((B, Hq, _cdiv(Nq, bq), words_per_row(_cdiv(k.shape[2], bk))), dtype=torch.int32),
     )

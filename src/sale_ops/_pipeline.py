@@ -14,7 +14,7 @@ import torch
 
 from . import _checks
 from . import reference as ref
-from .mask_bits import pack_block_mask
+from .mask_bits import pack_block_mask, words_per_row
 
 # Extra memory the selection may hold at once, with the bit-packed mask, as a share of the bytes
 # of q + k + v (issue 3's target is 0.25; a little is left for the allocator's rounding).
@@ -37,7 +37,7 @@ def selection_steps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bq: int, 
     Hkv, Nk = k.shape[1], k.shape[2]
     g = Hq // Hkv
     qkv = sum(t.numel() * t.element_size() for t in (q, k, v))
-    bits = B * Hq * -(-Nq // bq) * -(-(-(-Nk // bk)) // 32) * 4
+    bits = B * Hq * -(-Nq // bq) * words_per_row(-(-Nk // bk)) * 4
     budget = SELECTION_MEMORY_SHARE * qkv - bits
     for h in sorted((h for h in range(1, Hkv + 1) if Hkv % h == 0), reverse=True):
         if selection_bytes(B, h, g, Nq, Nk, D) <= budget:
@@ -52,10 +52,11 @@ def select_blocks(q, k, v, tau, bq: int, bk: int, window: int, scale: float) -> 
     Hq, Hkv = q.shape[1], k.shape[1]
     g = Hq // Hkv
     kv_step, q_step = selection_steps(q, k, v, bq, bk)
+    heads = kv_step * q_step  # query heads per step (q_step < g only with one kv head per step)
     parts = []
     for hk in range(0, Hkv, kv_step):
-        for h in range(hk * g, (hk + kv_step) * g, kv_step * q_step if q_step == g else q_step):
-            hs = slice(h, h + (kv_step * g if q_step == g else q_step))
+        for h in range(hk * g, (hk + kv_step) * g, heads):
+            hs = slice(h, h + heads)
             qh, kh = q[:, hs], k[:, hk : hk + kv_step]
             qz = torch.ops.sale.quantize(qh, kh, bk)
             parts.append(torch.ops.sale.block_mask_bits(qh, kh, *qz, tau[hs], bq, bk, window, scale))
