@@ -80,9 +80,11 @@ def main():
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--bk", type=int, default=32)
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
+    p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (overrides --quick)")
+    p.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1, 0.05])
     a = p.parse_args()
-    lengths = [8192, 16384, 32768] if a.quick else [8192, 16384, 32768, 65536, 131072]
-    densities = [1.0, 0.5, 0.25, 0.1, 0.05]
+    lengths = a.lengths or ([8192, 16384, 32768] if a.quick else [8192, 16384, 32768, 65536, 131072])
+    densities = a.densities
     hq, hkv, d, bk = 32, 8, 128, a.bk
     scale = d**-0.5
     flex = None

@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
 
   extern __shared__ unsigned char smem_raw[];
   // Swizzled tiles need 1024-byte alignment; the launch asks for 1 KiB of slack.
-  auto& sm = *reinterpret_cast<ws::Smem<D, HEADS>*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  auto& sm = aligned_smem_1024<ws::Smem<D, HEADS>>(smem_raw);
 
   const CandidateCta cta = candidate_cta<HEADS>(p);
   const int m = cta.m, b = cta.b, hk = cta.hk, h0 = cta.h0;

@@ -69,6 +69,16 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_r
                : "r"(s));
 }
 
+// The first 1024-byte boundary in a dynamic shared-memory buffer (swizzled wgmma tiles need it).
+// Pointer arithmetic on the __shared__ array itself, not on an integer address, keeps the shared
+// address space visible to the compiler: accesses through the result stay ld/st.shared instead of
+// generic loads.
+template <typename T>
+__device__ __forceinline__ T& aligned_smem_1024(unsigned char* smem_raw) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  return *reinterpret_cast<T*>(smem_raw + ((1024u - (addr & 1023u)) & 1023u));
+}
+
 // 16-byte global -> shared copy; src_bytes < 16 zero-fills the rest (0: a pure zero fill).
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));

@@ -8,10 +8,13 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
 #include "entry_utils.h"
 #include "sale/block_sparse_attention.cuh"
+#include "sale/block_sparse_attention_sm90.cuh"
 
 namespace {
 
@@ -101,8 +104,35 @@ std::tuple<Tensor, Tensor> block_sparse_attention_cuda(Tensor q, Tensor k, Tenso
   p.nQ = int(nQ), p.nK = int(nK);
   p.scale = float(scale);
   p.causal = causal;
-  const cudaError_t err = sale::launch_block_sparse_attention(p, dt == ScalarType::BFloat16, int(D), int(bk),
-                                                              stream);
+  const bool is_bf16 = dt == ScalarType::BFloat16;
+  // The wgmma kernel is the default; SALE_OPS_ATTENTION=mma selects the mma.sync kernel (the
+  // sm80-style path, also SPEC §7-exact, slower on Hopper).
+  const char* choice = std::getenv("SALE_OPS_ATTENTION");
+  cudaError_t err = cudaSuccess;
+  if (choice && std::string(choice) == "mma") {
+    err = sale::launch_block_sparse_attention(p, is_bf16, int(D), int(bk), stream);
+  } else {
+    // Its P.V runs in fp16: bf16 V is converted first (a temporary of V's size), fp16 V is read as is.
+    const unsigned* v_amax_bits = nullptr;
+    Tensor v_half, amax;
+    if (is_bf16) {
+      v_half = torch::stable::new_empty(q, {B, Hkv, Nk, D}, ScalarType::Half);
+      amax = torch::stable::new_empty(q, {1}, ScalarType::Int);
+      sale::ConvertVParams cv{};
+      cv.v = static_cast<const __nv_bfloat16*>(v.const_data_ptr());
+      cv.batch_stride = v.stride(0), cv.head_stride = v.stride(1), cv.row_stride = v.stride(2);
+      cv.heads = int(Hkv), cv.nk = int(Nk), cv.d = int(D);
+      cv.out = static_cast<__half*>(v_half.mutable_data_ptr());
+      cv.amax_bits = static_cast<unsigned*>(amax.mutable_data_ptr());
+      cv.rows = B * Hkv * Nk;
+      err = sale::launch_convert_v(cv, sale_entry::sm_count(q), stream);
+      STD_TORCH_CHECK(err == cudaSuccess, kOp, ": V conversion launch failed: ", cudaGetErrorString(err));
+      p.v = cv.out;
+      p.v_batch_stride = Hkv * Nk * D, p.v_head_stride = Nk * D, p.v_row_stride = D;
+      v_amax_bits = cv.amax_bits;
+    }
+    err = sale::launch_block_sparse_attention_sm90(p, v_amax_bits, is_bf16, int(D), int(bk), stream);
+  }
   STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   return std::make_tuple(out, lse);
 }

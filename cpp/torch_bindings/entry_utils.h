@@ -31,4 +31,12 @@ inline cudaStream_t current_stream(const torch::stable::Tensor& t) {
   return static_cast<cudaStream_t>(stream);
 }
 
+// Streaming multiprocessors of t's device (for grid-stride kernels).
+inline int sm_count(const torch::stable::Tensor& t) {
+  int n = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, t.get_device_index());
+  STD_TORCH_CHECK(err == cudaSuccess, "cudaDeviceGetAttribute(multiProcessorCount) failed: ", cudaGetErrorString(err));
+  return n;
+}
+
 }  // namespace sale_entry

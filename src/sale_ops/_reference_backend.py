@@ -7,6 +7,8 @@ README's support table says which ops are still served from here.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _checks
@@ -69,6 +71,15 @@ def backend_summary(device) -> str:
     kind = torch.device(device).type
     if kind == "cpu":
         return "PyTorch reference (sale_ops.reference) for every op"
-    kernels = [op for op in ("quantize", "block_mask", "block_sparse_attention") if op not in REFERENCE_ON_CUDA]
+    # The kernel variants the CUDA entries pick (environment switches read at each call).
+    variant = {
+        "block_mask": "mma.sync scorer" if os.environ.get("SALE_OPS_ESTIMATOR") == "mma" else "wgmma scorer",
+        "block_sparse_attention": "mma.sync" if os.environ.get("SALE_OPS_ATTENTION") == "mma" else "wgmma",
+    }
+    kernels = [
+        f"{op} ({variant[op]})" if op in variant else op
+        for op in ("quantize", "block_mask", "block_sparse_attention")
+        if op not in REFERENCE_ON_CUDA
+    ]
     reference = ", ".join(REFERENCE_ON_CUDA) or "none"
     return f"CUDA kernels: {', '.join(kernels) or 'none'}; PyTorch reference on the GPU (correct, not fast): {reference}"

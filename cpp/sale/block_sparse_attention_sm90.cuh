@@ -1,0 +1,478 @@
+// SPEC §5 block-sparse attention on Hopper warpgroup MMA (wgmma, sm_90a), torch-free.
+//
+// One CTA per (pair of query blocks m0 = 2x, m0 + 1, query head, batch), warp-specialised:
+//   - a producer warpgroup compacts the union of the two mask rows into a list of kept key
+//     blocks (ascending, so the summation order and the result are deterministic) and streams
+//     them, 64 keys per stage, into a ring of shared-memory stages with cp.async (full/empty
+//     mbarriers); each stage records which of the two query blocks keeps each of its blocks;
+//   - two consumer warpgroups, one per query block, hold Q in registers and compute
+//     S = Q K^T (wgmma RS, one m64 x bk product per kept block) and O += P V (RS again) only for
+//     the blocks their own row keeps: loads are shared by 128 query rows (the L2 -> SM traffic
+//     that limits a 64-row CTA), tensor-core work follows each row's own mask exactly.
+// P V runs in fp16: P is scaled by 2^kPShift so small probabilities stay normal numbers, and
+// rounded once for bf16 outputs (2^-11 relative, well inside SPEC §7's bound for an 8-bit
+// mantissa output) or split into hi + lo for fp16 outputs (one rounding of P would be as coarse
+// as the output itself). bf16 V is first converted to fp16 (convert_v_to_half_kernel) with a
+// power-of-two scale that keeps it inside fp16's range; the epilogue undoes it exactly.
+#pragma once
+
+#include <climits>
+
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "sale/block_sparse_attention.cuh"
+
+namespace sale {
+
+namespace bsa90 {
+
+constexpr int kRows = 64;  // bq = wgmma M; each consumer warpgroup owns one query block
+constexpr int kKeys = 64;  // keys per pipeline stage
+constexpr int kStages = 4;
+constexpr int kChunk = 1024;  // mask entries compacted per pass (a multiple of the producer's threads)
+constexpr int kProducerThreads = 128;
+constexpr int kConsumerThreads = 256;
+constexpr int kThreads = kProducerThreads + kConsumerThreads;
+// setmaxnreg budgets: registers only move inside the launch allocation (384 threads x 168).
+constexpr int kProducerRegs = 40;
+constexpr int kConsumerRegs = 232;
+static_assert(kProducerThreads * kProducerRegs + kConsumerThreads * kConsumerRegs <= kThreads * 168,
+              "setmaxnreg budgets exceed the launch allocation (the consumers would wait forever)");
+constexpr float kPShift = 15.f;  // P is stored as p * 2^15 in fp16: 1 -> 32768 < 65504
+constexpr float kVLimit = 32768.f;  // |V| below this converts to fp16 without overflow
+
+template <typename T>
+using CuteType = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, cutlass::bfloat16_t, cutlass::half_t>;
+
+// A stage: 64 keys of K ([keys][D], K-major) and V ([D][keys] view, MN-major), 128-byte swizzled,
+// made of 64 / bk kept blocks of one owner.
+template <typename T, int D>
+struct Smem {
+  alignas(1024) T k[kStages][kKeys * D];
+  alignas(1024) __half v[kStages][kKeys * D];
+  int list[kChunk];          // the producer's compacted kept blocks of one owner
+  int key0[kStages][2];      // first key of each block of the stage's tile (Nk: missing block)
+  int owner[kStages];        // bit w: query block m0 + w computes the tile; -1: no more tiles
+  int warp_count[2][4];      // double-buffered so one barrier per compaction round suffices
+  uint64_t full[kStages], empty[kStages];
+};
+
+// The power of two e with |V| * 2^-e < kVLimit for every V (0 when V already fits). amax_bits holds
+// max |V| as float bits (non-negative floats order like their bits); inf/NaN give 0 (the output
+// then carries them, as the reference's would).
+__device__ __forceinline__ int v_exponent(const unsigned* amax_bits) {
+  if (amax_bits == nullptr) return 0;
+  const float a = __uint_as_float(*amax_bits);
+  if (!(a >= kVLimit) || isinf(a)) return 0;
+  int x;
+  frexpf(a, &x);  // a = f * 2^x, f in [0.5, 1)
+  return x - 15;  // a * 2^-e = f * 2^15 < 2^15
+}
+
+}  // namespace bsa90
+
+// bf16 V [B, H, Nk, D] (any batch/head/row strides, rows 16-byte aligned) -> fp16 copy scaled by 2^-e.
+struct ConvertVParams {
+  const __nv_bfloat16* v;
+  int64_t batch_stride, head_stride, row_stride;
+  int heads, nk, d;
+  __half* out;          // [B, H, Nk, D] contiguous
+  unsigned* amax_bits;  // one word, zeroed before v_amax_kernel
+  int64_t rows;         // B * H * Nk
+};
+
+__device__ __forceinline__ const __nv_bfloat16* convert_v_row(const ConvertVParams& p, int64_t r) {
+  const int64_t n = r % p.nk, bh = r / p.nk;
+  return p.v + (bh / p.heads) * p.batch_stride + (bh % p.heads) * p.head_stride + n * p.row_stride;
+}
+
+__global__ void v_amax_kernel(const ConvertVParams p) {
+  const int per_row = p.d / 8;
+  float mx = 0.f;
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < p.rows * per_row;
+       c += int64_t(gridDim.x) * blockDim.x) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(convert_v_row(p, c / per_row) + (c % per_row) * 8);
+    const __nv_bfloat162* x = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(x[i]);
+      mx = fmaxf(mx, fmaxf(fabsf(f.x), fabsf(f.y)));  // fmaxf drops NaN; a NaN V shows in the output
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if (threadIdx.x % 32 == 0) atomicMax(p.amax_bits, __float_as_uint(mx));
+}
+
+__global__ void convert_v_to_half_kernel(const ConvertVParams p) {
+  const int per_row = p.d / 8;
+  const float factor = exp2f(-float(bsa90::v_exponent(p.amax_bits)));  // exact power of two
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < p.rows * per_row;
+       c += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = c / per_row;
+    const uint4 raw = *reinterpret_cast<const uint4*>(convert_v_row(p, r) + (c % per_row) * 8);
+    const __nv_bfloat162* x = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    uint4 res;
+    uint32_t* o = reinterpret_cast<uint32_t*>(&res);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(x[i]);
+      o[i] = pack2<__half>(f.x * factor, f.y * factor);
+    }
+    *reinterpret_cast<uint4*>(p.out + r * p.d + (c % per_row) * 8) = res;
+  }
+}
+
+inline cudaError_t launch_convert_v(const ConvertVParams& p, int sm_count, cudaStream_t stream) {
+  const int64_t work = p.rows * (p.d / 8);
+  const int blocks = int(std::min<int64_t>((work + 255) / 256, int64_t(sm_count) * 8));
+  cudaError_t err = cudaMemsetAsync(p.amax_bits, 0, sizeof(unsigned), stream);
+  if (err != cudaSuccess) return err;
+  v_amax_kernel<<<blocks, 256, 0, stream>>>(p);
+  convert_v_to_half_kernel<<<blocks, 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// p.v must point at fp16 values (the input for fp16, the converted copy for bf16) with strides in
+// elements; v_amax_bits is the word launch_convert_v filled, or nullptr for unscaled V.
+template <typename T, int D, int BK>
+__global__ void __launch_bounds__(bsa90::kThreads, 1)
+    block_sparse_attention_sm90_kernel(const BlockSparseAttentionParams p, const unsigned* v_amax_bits) {
+  using namespace cute;
+  using namespace bsa90;
+  using CT = CuteType<T>;
+  using Barrier = cutlass::arch::ClusterBarrier;
+  constexpr int kPer = kKeys / BK;   // blocks per tile
+  constexpr int kRowChunks = D / 8;  // 16-byte pieces per row
+  constexpr bool kSplitP = std::is_same_v<T, __half>;  // fp16 output: P needs more than fp16's 11 bits
+  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  using KLayout = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<CT>{}, Shape<Int<kKeys>, Int<D>>{}));
+  using VLayout = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<half_t>{}, Shape<Int<D>, Int<kKeys>>{}));
+
+  extern __shared__ unsigned char smem_raw[];
+  // Swizzled tiles need 1024-byte alignment; the launch asks for 1 KiB of slack.
+  auto& sm = aligned_smem_1024<Smem<T, D>>(smem_raw);
+
+  const int pairs = (p.nQ + 1) / 2;
+  const int m0 = 2 * (pairs - 1 - int(blockIdx.x));  // heaviest (causal: last) query blocks first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.q_heads / p.kv_heads);
+  const int shift = p.nk - p.nq;  // causal: row i sees keys j <= i + shift
+  // Blocks a query block can see: causal ones end at its last row's end.
+  auto blocks_of = [&](int m) {
+    if (m >= p.nQ) return 0;
+    return p.causal ? min(p.nK, (min((m + 1) * kRows, p.nq) + shift + BK - 1) / BK) : p.nK;
+  };
+  const int n_end = max(blocks_of(m0), blocks_of(m0 + 1));
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      Barrier::init(&sm.full[s], kProducerThreads + 1);  // cp.async arrivals + the tile description
+      Barrier::init(&sm.empty[s], kConsumerThreads);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (threadIdx.x >= kConsumerThreads) {
+    // ---------------- producer warpgroup ----------------
+    // Kept blocks of either row, grouped by owner (both rows, then row m0 only, then m0 + 1 only;
+    // ascending inside a group, so the order and the result are deterministic): a tile holds
+    // blocks of one owner, and a consumer computes whole tiles it owns and skips the others.
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+    const int ptid = threadIdx.x - kConsumerThreads, lane = ptid % 32, warp = ptid / 32;
+    const int own_end0 = blocks_of(m0), own_end1 = blocks_of(m0 + 1);
+    const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+    const __half* v = static_cast<const __half*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+    auto kept = [&](int w, int n) -> bool {
+      if (n >= (w == 0 ? own_end0 : own_end1)) return false;
+      const int64_t row = b * p.mask_batch_stride + h * p.mask_head_stride + (m0 + w) * p.mask_row_stride;
+      if (p.mask_packed)
+        return (static_cast<const uint32_t*>(p.mask)[row + (n >> 5) * p.mask_col_stride] >> (n & 31)) & 1u;
+      return static_cast<const uint8_t*>(p.mask)[row + n * p.mask_col_stride] != 0;
+    };
+    auto producer_sync = [] { asm volatile("bar.sync 1, %0;\n" ::"n"(kProducerThreads)); };
+    // Each thread copies the same 16-byte column piece of rows slot0, slot0 + kSlotStep, ... of
+    // every stage; stepping kSlotStep (a multiple of 8) rows moves a swizzled address by a
+    // constant, so destinations are a base plus compile-time offsets.
+    constexpr int kSlotStep = kProducerThreads / kRowChunks, kCopies = kKeys / kSlotStep;
+    static_assert(BK % kSlotStep == 0 && kSlotStep % 8 == 0, "a thread's rows of a block stay in that block");
+    const int slot0 = ptid / kRowChunks, col = (ptid % kRowChunks) * 8;
+    Tensor sK0 = make_tensor(make_smem_ptr(reinterpret_cast<CT*>(sm.k[0])), KLayout{});
+    Tensor sV0 = make_tensor(make_smem_ptr(reinterpret_cast<half_t*>(sm.v[0])), VLayout{});
+    T* k_dst = reinterpret_cast<T*>(raw_pointer_cast(&sK0(slot0, col)));
+    __half* v_dst = reinterpret_cast<__half*>(raw_pointer_cast(&sV0(col, slot0)));
+    const int k_step = int(raw_pointer_cast(&sK0(kSlotStep, 0)) - raw_pointer_cast(&sK0(0, 0)));
+    const int v_step = int(raw_pointer_cast(&sV0(0, kSlotStep)) - raw_pointer_cast(&sV0(0, 0)));
+    int s = 0;  // tiles issued
+    auto next_stage = [&]() {
+      const int stage = s % kStages;
+      if (s >= kStages) Barrier::wait(&sm.empty[stage], ((s / kStages) & 1) ^ 1);
+      return stage;
+    };
+    for (int c0 = 0; c0 < n_end; c0 += kChunk) {
+      const int c1 = min(c0 + kChunk, n_end);
+      for (int pass = 0; pass < 3; ++pass) {
+        const int owner = pass == 0 ? 3 : pass;
+        int count = 0;  // stream compaction of [c0, c1) restricted to this owner
+        for (int base = c0, round = 0; base < c1; base += kProducerThreads, ++round) {
+          const int n = base + ptid;
+          const bool mine = n < c1 && (int(kept(0, n)) | int(kept(1, n)) << 1) == owner;
+          const unsigned ballot = __ballot_sync(0xffffffffu, mine);
+          if (lane == 0) sm.warp_count[round & 1][warp] = __popc(ballot);
+          producer_sync();
+          int before = count, total = 0;
+#pragma unroll
+          for (int w = 0; w < 4; ++w) {
+            const int cw = sm.warp_count[round & 1][w];
+            total += cw;
+            before += w < warp ? cw : 0;
+          }
+          if (mine) sm.list[before + __popc(ballot & ((1u << lane) - 1u))] = n;
+          count += total;
+        }
+        producer_sync();
+        for (int e0 = 0; e0 < count; e0 += kPer, ++s) {
+          const int stage = next_stage();
+          // Missing blocks and keys past Nk are zero-filled (P = 0 there; no NaN from stale memory).
+          int key0[kPer];
+#pragma unroll
+          for (int blk = 0; blk < kPer; ++blk) key0[blk] = e0 + blk < count ? sm.list[e0 + blk] * BK : p.nk;
+#pragma unroll
+          for (int i = 0; i < kCopies; ++i) {
+            const int slot = slot0 + kSlotStep * i, blk = kSlotStep * i / BK;  // blk: compile-time
+            const int key = key0[blk] + slot % BK;
+            const bool in = key < p.nk;
+            cp_async_16(k_dst + stage * (kKeys * D) + i * k_step, k + (in ? key * p.k_row_stride + col : 0), in ? 16 : 0);
+            cp_async_16(v_dst + stage * (kKeys * D) + i * v_step, v + (in ? key * p.v_row_stride + col : 0), in ? 16 : 0);
+          }
+          if (ptid == 0) {
+#pragma unroll
+            for (int blk = 0; blk < kPer; ++blk) sm.key0[stage][blk] = key0[blk];
+            sm.owner[stage] = owner;
+          }
+          cutlass::arch::cpasync_barrier_arrive_noinc(&sm.full[stage]);
+          if (ptid == 0) Barrier::arrive(&sm.full[stage]);  // releases the description written above
+        }
+        producer_sync();  // the list is rewritten next
+      }
+    }
+    // The end: a stage whose description says "no more tiles".
+    const int stage = next_stage();
+    if (ptid == 0) sm.owner[stage] = -1;
+    Barrier::arrive(&sm.full[stage]);
+    if (ptid == 0) Barrier::arrive(&sm.full[stage]);
+    cp_async_wait<0>();  // no copy may outlive its issuer
+    return;
+  }
+  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+
+  // ---------------- consumer warpgroups: wg computes query block m0 + wg ----------------
+  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int m = m0 + wg;
+  const int row0 = m * kRows + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
+  const int first_row_end = m * kRows + shift;  // last key the block's first row sees
+
+  auto mma_qk = make_tiled_mma(GMMA::rs_op_selector<CT, CT, float, Shape<Int<kRows>, Int<kKeys>, Int<D>>>());
+  auto mma_pv = make_tiled_mma(GMMA::rs_op_selector<half_t, half_t, float, Shape<Int<kRows>, Int<D>, Int<kKeys>>,
+                                                    GMMA::Major::K, GMMA::Major::MN>());
+  auto thr_qk = mma_qk.get_slice(tid);
+  auto thr_pv = mma_pv.get_slice(tid);
+
+  // Q as the A operand in registers, straight from global memory: value (c, r, half) of k-step kb
+  // is row row0 + 8r, column 16 kb + 8 half + 2t + c (rows past Nq are zero, never stored).
+  Tensor tSrQ = make_tensor<CT>(partition_shape_A(mma_qk, Shape<Int<kRows>, Int<D>>{}));
+  static_assert(decltype(size(tSrQ))::value == D / 2, "64 x D over 128 threads");
+  {
+    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+    uint32_t* qr = reinterpret_cast<uint32_t*>(raw_pointer_cast(tSrQ.data()));
+#pragma unroll
+    for (int i = 0; i < D / 4; ++i) {  // i = r + 2 half + 4 kb
+      const int row = row0 + 8 * (i % 2), col = 16 * (i / 4) + 8 * ((i / 2) % 2) + 2 * t;
+      qr[i] = m < p.nQ && row < p.nq ? *reinterpret_cast<const uint32_t*>(q + row * p.q_row_stride + col) : 0u;
+    }
+  }
+  // S (c, r, n8 tile) flat, and P in the same order as the A operand of P.V.
+  Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kRows>, Int<kKeys>>{});
+  Tensor tOrP = make_tensor<half_t>(partition_shape_A(mma_pv, Shape<Int<kRows>, Int<kKeys>>{}));
+  Tensor tOrPlo = make_tensor<half_t>(partition_shape_A(mma_pv, Shape<Int<kRows>, Int<kSplitP ? kKeys : 16>>{}));
+  static_assert(decltype(size(tSrS))::value == kKeys / 2 && decltype(size(tOrP))::value == kKeys / 2,
+                "P's A fragment holds the S accumulator's elements in the same order");
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kRows>, Int<D>>{});  // (c, r, d8 tile) flat
+  clear(tOrO);
+
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // row_sum: this thread's part
+  const float sl2 = p.scale * kLog2e;
+
+  // The first tile in [s, limit) this warpgroup owns, releasing the ones it skips: its index,
+  // kEnd after the last tile, kNone if there is none before limit. A warpgroup that holds tile
+  // `cur` may look only up to cur + kStages - 1: the producer refills cur's stage next.
+  constexpr int kEnd = -1, kNone = -2;
+  int scanned = 0;  // stages [0, scanned) are behind this warpgroup
+  auto next_tile = [&](int limit) -> int {
+    for (; scanned < limit; ++scanned) {
+      const int stage = scanned % kStages;
+      Barrier::wait(&sm.full[stage], (scanned / kStages) & 1);
+      const int owner = sm.owner[stage];
+      if (owner < 0) return kEnd;
+      if ((owner >> wg) & 1) {
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // cp.async wrote, wgmma reads
+        return scanned++;
+      }
+      Barrier::arrive(&sm.empty[stage]);
+    }
+    return kNone;
+  };
+  auto issue_qk = [&](int stage) {
+    Tensor tSrK = thr_qk.partition_fragment_B(make_tensor(make_smem_ptr(reinterpret_cast<CT*>(sm.k[stage])), KLayout{}));
+    mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+    for (int kb = 0; kb < D / 16; ++kb) {
+      gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
+      mma_qk.accumulate_ = GMMA::ScaleOut::One;
+    }
+  };
+  auto issue_pv = [&](int stage) {
+    Tensor tOrV = thr_pv.partition_fragment_B(make_tensor(make_smem_ptr(reinterpret_cast<half_t*>(sm.v[stage])), VLayout{}));
+    gemm(mma_pv, tOrP, tOrV, tOrO);
+    if constexpr (kSplitP) gemm(mma_pv, tOrPlo, tOrV, tOrO);
+  };
+  // Masks, then the online softmax on S in place (exponents in fp32); returns the rescale factors.
+  auto softmax = [&](int stage, float (&alpha)[2]) {
+    // Element i: column 8 (i / 4) + 2t + i % 2 of the tile, row + 8 ((i / 2) % 2).
+#pragma unroll
+    for (int blk = 0; blk < kPer; ++blk) {
+      const int key0 = sm.key0[stage][blk];
+      if (key0 + BK > p.nk || (p.causal && key0 + BK - 1 > first_row_end)) {
+#pragma unroll
+        for (int e = 0; e < BK / 2; ++e) {
+          const int j = key0 + (e / 4) * 8 + 2 * t + e % 2, r = (e / 2) % 2;
+          if (j >= p.nk || (p.causal && j > row0 + 8 * r + shift)) tSrS(blk * BK / 2 + e) = -INFINITY;
+        }
+      }
+    }
+    // A row with nothing visible yet keeps max -inf; its base is taken as 0 so every term is 0.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = row_max[r];
+#pragma unroll
+      for (int nt = 0; nt < kKeys / 8; ++nt) mx = fmaxf(mx, fmaxf(tSrS(nt * 4 + 2 * r), tSrS(nt * 4 + 2 * r + 1)));
+      mx = quad_max(mx);
+      const float base = mx == -INFINITY ? 0.f : mx * sl2;
+      alpha[r] = fast_exp2(row_max[r] * sl2 - base);
+      row_max[r] = mx;
+      const float shifted = base - kPShift;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kKeys / 8; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float e = fast_exp2(fmaf(tSrS(nt * 4 + 2 * r + c), sl2, -shifted));
+          tSrS(nt * 4 + 2 * r + c) = e;
+          sum += e;
+        }
+      row_sum[r] = row_sum[r] * alpha[r] + sum;
+    }
+  };
+  auto rescale_and_convert = [&](const float (&alpha)[2]) {
+#pragma unroll
+    for (int i = 0; i < size(tOrO); ++i) tOrO(i) *= alpha[(i / 2) % 2];
+    uint32_t* hi = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrP.data()));
+    uint32_t* lo = reinterpret_cast<uint32_t*>(raw_pointer_cast(tOrPlo.data()));
+#pragma unroll
+    for (int i = 0; i < kKeys / 4; ++i) {
+      if constexpr (kSplitP) {
+        pack2_split<__half>(tSrS(2 * i), tSrS(2 * i + 1), hi[i], lo[i]);
+      } else {
+        hi[i] = pack2<__half>(tSrS(2 * i), tSrS(2 * i + 1));
+      }
+    }
+  };
+
+  // Software pipeline: S of the next tile is computed while this tile's P V runs, and the next
+  // softmax overlaps that P V on the tensor cores. Every iteration issues both products, so no
+  // wgmma sits on a data-dependent branch (ptxas would serialise them all): with no tile pending
+  // P is zero and its P V adds nothing; with no next tile the S product is computed and ignored.
+  float alpha[2];
+  clear(tOrP);
+  clear(tOrPlo);
+  int cur = -1;  // the tile whose P is in tOrP (-1: none, P = 0)
+  for (;;) {
+    const int nxt = next_tile(cur >= 0 ? cur + kStages : INT_MAX);
+    if (cur < 0 && nxt == kEnd) break;
+    const int qk_stage = (nxt >= 0 ? nxt : cur) % kStages, pv_stage = (cur >= 0 ? cur : nxt) % kStages;
+    warpgroup_fence_operand(tSrS);
+    warpgroup_fence_operand(tOrP);
+    warpgroup_fence_operand(tOrPlo);
+    warpgroup_fence_operand(tOrO);
+    warpgroup_arrive();
+    issue_qk(qk_stage);
+    warpgroup_commit_batch();
+    issue_pv(pv_stage);
+    warpgroup_commit_batch();
+    warpgroup_wait<1>();  // S of the next tile is ready; P V may still run
+    warpgroup_fence_operand(tSrS);
+    if (nxt >= 0) softmax(nxt % kStages, alpha);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
+    if (cur >= 0) Barrier::arrive(&sm.empty[cur % kStages]);  // every consumer thread releases it
+    if (nxt < 0) {  // end, or no owned tile within reach: drained, look further with nothing pending
+      if (nxt == kEnd) break;
+      cur = -1;
+      clear(tOrP);
+      clear(tOrPlo);
+      continue;
+    }
+    rescale_and_convert(alpha);
+    cur = nxt;
+  }
+  if (m >= p.nQ) return;  // the odd last query block has no partner
+
+  // Epilogue: out = O / l (0 for a row that saw nothing), lse = ln sum exp(scale q.k). O and l
+  // both carry the 2^kPShift of P; O also V's 2^-e, undone here exactly.
+  const float v_factor = exp2f(float(v_exponent(v_amax_bits)));
+  T* out = static_cast<T*>(p.out) + (int64_t(b) * p.q_heads + h) * p.nq * D;
+  float* lse = p.lse + (int64_t(b) * p.q_heads + h) * p.nq;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + 8 * r;
+    const float l = quad_sum(row_sum[r]);
+    const float inv = l > 0.f ? v_factor / l : 0.f;
+    if (row < p.nq) {
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<uint32_t*>(out + int64_t(row) * D + dt * 8 + 2 * t) =
+            pack2<T>(tOrO(dt * 4 + 2 * r) * inv, tOrO(dt * 4 + 2 * r + 1) * inv);
+      if (t == 0) lse[row] = l > 0.f ? fmaf(row_max[r] * sl2 - kPShift, kLn2, logf(l)) : -INFINITY;
+    }
+  }
+}
+
+template <typename T, int D, int BK>
+inline cudaError_t launch_block_sparse_attention_sm90_impl(const BlockSparseAttentionParams& p,
+                                                           const unsigned* v_amax_bits, cudaStream_t stream) {
+  auto kernel = block_sparse_attention_sm90_kernel<T, D, BK>;
+  constexpr int smem = int(sizeof(bsa90::Smem<T, D>)) + 1024;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3((p.nQ + 1) / 2, p.q_heads, p.batch), bsa90::kThreads, smem, stream>>>(p, v_amax_bits);
+  return cudaGetLastError();
+}
+
+// p.v: fp16 values (see the kernel); the caller validated everything else as for
+// launch_block_sparse_attention.
+inline cudaError_t launch_block_sparse_attention_sm90(const BlockSparseAttentionParams& p, const unsigned* v_amax_bits,
+                                                      bool is_bf16, int head_dim, int bk, cudaStream_t stream) {
+  return dispatch_dtype_dim_block(is_bf16, head_dim, bk, [&](auto type, auto dim, auto block) {
+    return launch_block_sparse_attention_sm90_impl<typename decltype(type)::type, decltype(dim)::value,
+                                                   decltype(block)::value>(p, v_amax_bits, stream);
+  });
+}
+
+}  // namespace sale
