@@ -32,8 +32,15 @@ namespace sale {
 namespace bsa90 {
 
 constexpr int kRows = 64;  // bq = wgmma M; each consumer warpgroup owns one query block
-constexpr int kKeys = 64;  // keys per pipeline stage
-constexpr int kStages = 4;
+// Keys per pipeline stage: 128 (m64n128 S tiles); 64 for fp16, whose hi + lo P needs the registers.
+template <typename T>
+constexpr int keys_per_stage() { return std::is_same_v<T, __half> ? 64 : 128; }
+// Stages that fit in about 200 KB of shared memory (K and V of a stage: 4 * keys * D bytes).
+template <typename T, int D>
+constexpr int stage_count() {
+  const int n = 200 * 1024 / (4 * keys_per_stage<T>() * D);
+  return n < 2 ? 2 : n > 6 ? 6 : n;
+}
 constexpr int kChunk = 1024;  // mask entries compacted per pass (a multiple of the producer's threads)
 constexpr int kProducerThreads = 128;
 constexpr int kConsumerThreads = 256;
@@ -49,17 +56,17 @@ constexpr float kVLimit = 32768.f;  // |V| below this converts to fp16 without o
 template <typename T>
 using CuteType = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, cutlass::bfloat16_t, cutlass::half_t>;
 
-// A stage: 64 keys of K ([keys][D], K-major) and V ([D][keys] view, MN-major), 128-byte swizzled,
-// made of 64 / bk kept blocks of one owner.
-template <typename T, int D>
+// A stage: keys_per_stage keys of K ([keys][D], K-major) and V ([D][keys] view, MN-major),
+// 128-byte swizzled, made of keys / bk kept blocks of one owner.
+template <typename T, int D, int KEYS = keys_per_stage<T>(), int STAGES = stage_count<T, D>()>
 struct Smem {
-  alignas(1024) T k[kStages][kKeys * D];
-  alignas(1024) __half v[kStages][kKeys * D];
-  int list[kChunk];          // the producer's compacted kept blocks of one owner
-  int key0[kStages][2];      // first key of each block of the stage's tile (Nk: missing block)
-  int owner[kStages];        // bit w: query block m0 + w computes the tile; -1: no more tiles
-  int warp_count[2][4];      // double-buffered so one barrier per compaction round suffices
-  uint64_t full[kStages], empty[kStages];
+  alignas(1024) T k[STAGES][KEYS * D];
+  alignas(1024) __half v[STAGES][KEYS * D];
+  int list[3][kChunk];       // the producer's compacted kept blocks: of both rows, of m0, of m0 + 1
+  int key0[STAGES][KEYS / 32];  // first key of each block of the stage's tile (Nk: missing block)
+  int owner[STAGES];         // bit w: query block m0 + w computes the tile; -1: no more tiles
+  int warp_count[2][3][4];   // double-buffered so one barrier per compaction round suffices
+  uint64_t full[STAGES], empty[STAGES];
 };
 
 // The power of two e with |V| * 2^-e < kVLimit for every V (0 when V already fits). amax_bits holds
@@ -147,6 +154,7 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
   using namespace bsa90;
   using CT = CuteType<T>;
   using Barrier = cutlass::arch::ClusterBarrier;
+  constexpr int kKeys = keys_per_stage<T>(), kStages = stage_count<T, D>();
   constexpr int kPer = kKeys / BK;   // blocks per tile
   constexpr int kRowChunks = D / 8;  // 16-byte pieces per row
   constexpr bool kSplitP = std::is_same_v<T, __half>;  // fp16 output: P needs more than fp16's 11 bits
@@ -157,6 +165,7 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   // Swizzled tiles need 1024-byte alignment; the launch asks for 1 KiB of slack.
   auto& sm = aligned_smem_1024<Smem<T, D>>(smem_raw);
+  static_assert(BK % 32 == 0 && kKeys % BK == 0, "whole key blocks per stage");
 
   const int pairs = (p.nQ + 1) / 2;
   const int m0 = 2 * (pairs - 1 - int(blockIdx.x));  // heaviest (causal: last) query blocks first
@@ -181,9 +190,10 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
 
   if (threadIdx.x >= kConsumerThreads) {
     // ---------------- producer warpgroup ----------------
-    // Kept blocks of either row, grouped by owner (both rows, then row m0 only, then m0 + 1 only;
-    // ascending inside a group, so the order and the result are deterministic): a tile holds
-    // blocks of one owner, and a consumer computes whole tiles it owns and skips the others.
+    // Kept blocks of either row, grouped by owner per chunk of the mask row (both rows first,
+    // then tiles of row m0 only and of row m0 + 1 only in turn; ascending inside a group, so the
+    // order and the result are deterministic): a tile holds blocks of one owner, and a consumer
+    // computes the whole tiles it owns and skips the others.
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     const int ptid = threadIdx.x - kConsumerThreads, lane = ptid % 32, warp = ptid / 32;
     const int own_end0 = blocks_of(m0), own_end1 = blocks_of(m0 + 1);
@@ -215,52 +225,81 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
       if (s >= kStages) Barrier::wait(&sm.empty[stage], ((s / kStages) & 1) ^ 1);
       return stage;
     };
-    for (int c0 = 0; c0 < n_end; c0 += kChunk) {
-      const int c1 = min(c0 + kChunk, n_end);
-      for (int pass = 0; pass < 3; ++pass) {
-        const int owner = pass == 0 ? 3 : pass;
-        int count = 0;  // stream compaction of [c0, c1) restricted to this owner
-        for (int base = c0, round = 0; base < c1; base += kProducerThreads, ++round) {
-          const int n = base + ptid;
-          const bool mine = n < c1 && (int(kept(0, n)) | int(kept(1, n)) << 1) == owner;
-          const unsigned ballot = __ballot_sync(0xffffffffu, mine);
-          if (lane == 0) sm.warp_count[round & 1][warp] = __popc(ballot);
-          producer_sync();
-          int before = count, total = 0;
+    // Stream compaction of the blocks of [c0, c1) into one list per owner (both rows, row m0
+    // only, row m0 + 1 only), in one pass over the two mask rows; returns the three counts.
+    auto compact = [&](int c0, int c1, int (&count)[3]) {
+      count[0] = count[1] = count[2] = 0;
+      // All mask reads of the chunk first (independent loads, one latency), 2 bits per round.
+      constexpr int kRounds = kChunk / kProducerThreads;
+      static_assert(2 * kRounds <= 32, "ownership bits of a chunk fit in one word");
+      uint32_t owns = 0;
+#pragma unroll
+      for (int round = 0; round < kRounds; ++round) {
+        const int n = c0 + round * kProducerThreads + ptid;
+        if (n < c1) owns |= uint32_t(int(kept(0, n)) | int(kept(1, n)) << 1) << (2 * round);
+      }
+      for (int base = c0, round = 0; base < c1; base += kProducerThreads, ++round) {
+        const int n = base + ptid;
+        const int own = (owns >> (2 * round)) & 3;  // 3, 1, 2 -> list 0, 1, 2
+        const int which = own == 3 ? 0 : own;
+        unsigned ballot[3];
+#pragma unroll
+        for (int l = 0; l < 3; ++l) {
+          ballot[l] = __ballot_sync(0xffffffffu, own != 0 && which == l);
+          if (lane == 0) sm.warp_count[round & 1][l][warp] = __popc(ballot[l]);
+        }
+        producer_sync();
+#pragma unroll
+        for (int l = 0; l < 3; ++l) {
+          int before = count[l], total = 0;
 #pragma unroll
           for (int w = 0; w < 4; ++w) {
-            const int cw = sm.warp_count[round & 1][w];
+            const int cw = sm.warp_count[round & 1][l][w];
             total += cw;
             before += w < warp ? cw : 0;
           }
-          if (mine) sm.list[before + __popc(ballot & ((1u << lane) - 1u))] = n;
-          count += total;
+          if (own != 0 && which == l) sm.list[l][before + __popc(ballot[l] & ((1u << lane) - 1u))] = n;
+          count[l] += total;
         }
-        producer_sync();
-        for (int e0 = 0; e0 < count; e0 += kPer, ++s) {
-          const int stage = next_stage();
-          // Missing blocks and keys past Nk are zero-filled (P = 0 there; no NaN from stale memory).
-          int key0[kPer];
-#pragma unroll
-          for (int blk = 0; blk < kPer; ++blk) key0[blk] = e0 + blk < count ? sm.list[e0 + blk] * BK : p.nk;
-#pragma unroll
-          for (int i = 0; i < kCopies; ++i) {
-            const int slot = slot0 + kSlotStep * i, blk = kSlotStep * i / BK;  // blk: compile-time
-            const int key = key0[blk] + slot % BK;
-            const bool in = key < p.nk;
-            cp_async_16(k_dst + stage * (kKeys * D) + i * k_step, k + (in ? key * p.k_row_stride + col : 0), in ? 16 : 0);
-            cp_async_16(v_dst + stage * (kKeys * D) + i * v_step, v + (in ? key * p.v_row_stride + col : 0), in ? 16 : 0);
-          }
-          if (ptid == 0) {
-#pragma unroll
-            for (int blk = 0; blk < kPer; ++blk) sm.key0[stage][blk] = key0[blk];
-            sm.owner[stage] = owner;
-          }
-          cutlass::arch::cpasync_barrier_arrive_noinc(&sm.full[stage]);
-          if (ptid == 0) Barrier::arrive(&sm.full[stage]);  // releases the description written above
-        }
-        producer_sync();  // the list is rewritten next
       }
+      producer_sync();
+    };
+    // Tile e0 / kPer of a list: its blocks' K and V into the next stage, and its description.
+    auto issue_tile = [&](const int* list, int e0, int count, int owner) {
+      const int stage = next_stage();
+      // Missing blocks and keys past Nk are zero-filled (P = 0 there; no NaN from stale memory).
+      int key0[kPer];
+#pragma unroll
+      for (int blk = 0; blk < kPer; ++blk) key0[blk] = e0 + blk < count ? list[e0 + blk] * BK : p.nk;
+#pragma unroll
+      for (int i = 0; i < kCopies; ++i) {
+        const int slot = slot0 + kSlotStep * i, blk = kSlotStep * i / BK;  // blk: compile-time
+        const int key = key0[blk] + slot % BK;
+        const bool in = key < p.nk;
+        cp_async_16(k_dst + stage * (kKeys * D) + i * k_step, k + (in ? key * p.k_row_stride + col : 0), in ? 16 : 0);
+        cp_async_16(v_dst + stage * (kKeys * D) + i * v_step, v + (in ? key * p.v_row_stride + col : 0), in ? 16 : 0);
+      }
+      if (ptid == 0) {
+#pragma unroll
+        for (int blk = 0; blk < kPer; ++blk) sm.key0[stage][blk] = key0[blk];
+        sm.owner[stage] = owner;
+      }
+      cutlass::arch::cpasync_barrier_arrive_noinc(&sm.full[stage]);
+      if (ptid == 0) Barrier::arrive(&sm.full[stage]);  // releases the description written above
+      ++s;
+    };
+    for (int c0 = 0; c0 < n_end; c0 += kChunk) {
+      const int c1 = min(c0 + kChunk, n_end);
+      // Blocks both rows keep, then the blocks of one row only, alternating between the rows so
+      // that both consumers stay busy.
+      int count[3];
+      compact(c0, c1, count);
+      for (int e0 = 0; e0 < count[0]; e0 += kPer) issue_tile(sm.list[0], e0, count[0], 3);
+      for (int e0 = 0; e0 < max(count[1], count[2]); e0 += kPer) {
+        if (e0 < count[1]) issue_tile(sm.list[1], e0, count[1], 1);
+        if (e0 < count[2]) issue_tile(sm.list[2], e0, count[2], 2);
+      }
+      producer_sync();  // the lists are rewritten by the next chunk
     }
     // The end: a stage whose description says "no more tiles".
     const int stage = next_stage();
@@ -301,7 +340,7 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
   // S (c, r, n8 tile) flat, and P in the same order as the A operand of P.V.
   Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kRows>, Int<kKeys>>{});
   Tensor tOrP = make_tensor<half_t>(partition_shape_A(mma_pv, Shape<Int<kRows>, Int<kKeys>>{}));
-  Tensor tOrPlo = make_tensor<half_t>(partition_shape_A(mma_pv, Shape<Int<kRows>, Int<kSplitP ? kKeys : 16>>{}));
+  Tensor tOrPlo = make_tensor<half_t>(partition_shape_A(mma_pv, Shape<Int<kRows>, Int<kSplitP ? kKeys : 16>>{}));  // unused unless kSplitP
   static_assert(decltype(size(tSrS))::value == kKeys / 2 && decltype(size(tOrP))::value == kKeys / 2,
                 "P's A fragment holds the S accumulator's elements in the same order");
   Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kRows>, Int<D>>{});  // (c, r, d8 tile) flat
