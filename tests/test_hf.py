@@ -90,6 +90,16 @@ def test_tau_zero_matches_sdpa(models, spy):
     assert spy[0][:2] == ((2, HEADS, 160, HEAD_DIM), (2, KV_HEADS, 160, HEAD_DIM))
 
 
+def test_scaling_argument_is_used(models, spy):
+    dense, sale = models
+    for model in (dense, sale):
+        for layer in model.model.layers:
+            layer.self_attn.scaling = 0.3  # not D ** -0.5: SALE must take the module's value
+    ids = torch.randint(0, VOCAB, (1, 128))
+    assert_close_logits(logits(sale, ids), logits(dense, ids))
+    assert len(spy) == LAYERS
+
+
 def test_prefill_uses_sale_and_decode_exact(models, spy):
     dense, sale = models
     table = torch.tensor([[0.01, 0.02, 0.03, 0.04], [0.05, 0.0, 0.06, 0.07]])
