@@ -38,6 +38,33 @@ struct BlockSparseAttentionParams {
 
 namespace bsa {
 
+// The epilogue both kernels share: a thread's rows row0 and row0 + 8 of out = O / l (0 for a row
+// that saw nothing) and lse = ln sum exp(scale q.k). o(i), i = 4 dt + 2 r + c, is the accumulator
+// of row row0 + 8r, column 8 dt + 2t + c (the mma/wgmma ownership); row_sum is this thread's part
+// of l. O may carry a factor 1 / out_factor and l (with O) a factor 2^log2_shift, undone here.
+template <typename T, int D, typename Acc>
+__device__ __forceinline__ void store_output_rows(const BlockSparseAttentionParams& p, int b, int h, int row0, int t,
+                                                  const float (&row_sum)[2], const float (&row_max)[2], float sl2,
+                                                  float out_factor, float log2_shift, Acc&& o) {
+  constexpr float kLn2 = 0.6931471805599453f;
+  T* out = static_cast<T*>(p.out) + (int64_t(b) * p.q_heads + h) * p.nq * D;
+  float* lse = p.lse + (int64_t(b) * p.q_heads + h) * p.nq;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + 8 * r;
+    const float l = quad_sum(row_sum[r]);
+    const float inv = l > 0.f ? out_factor / l : 0.f;
+    if (row < p.nq) {
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<uint32_t*>(out + int64_t(row) * D + dt * 8 + 2 * t) =
+            pack2<T>(o(dt * 4 + 2 * r) * inv, o(dt * 4 + 2 * r + 1) * inv);
+      if (t == 0) lse[row] = l > 0.f ? fmaf(row_max[r] * sl2 - log2_shift, kLn2, logf(l)) : -INFINITY;
+    }
+  }
+}
+
+
 constexpr int kRows = 64;  // bq
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
@@ -57,7 +84,7 @@ template <typename T, int D, int BK>
 __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(const BlockSparseAttentionParams p) {
   constexpr int kPer = kKeys / BK;     // kept blocks per tile
   constexpr int kRowChunks = D / 8;    // 16-byte pieces per row
-  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Smem<T, D>& sm = *reinterpret_cast<Smem<T, D>*>(smem_raw);
 
@@ -243,21 +270,8 @@ __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(con
   }
 
   // Epilogue: out = acc / l (0 for a row that saw nothing), lse = ln sum exp(scale q.k).
-  T* out = static_cast<T*>(p.out) + (int64_t(b) * p.q_heads + h) * p.nq * D;
-  float* lse = p.lse + (int64_t(b) * p.q_heads + h) * p.nq;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = row0 + 8 * r;
-    const float l = quad_sum(row_sum[r]);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    if (row < p.nq) {
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt)
-        *reinterpret_cast<uint32_t*>(out + int64_t(row) * D + dt * 8 + 2 * t) =
-            pack2<T>(acc[dt][2 * r] * inv, acc[dt][2 * r + 1] * inv);
-      if (t == 0) lse[row] = l > 0.f ? fmaf(row_max[r] * sl2, kLn2, logf(l)) : -INFINITY;
-    }
-  }
+  store_output_rows<T, D>(p, b, h, row0, t, row_sum, row_max, sl2, 1.f, 0.f,
+                          [&](int i) { return acc[i / 4][i % 4]; });
 }
 
 template <typename T, int D, int BK>

@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
   constexpr int kPer = kKeys / BK;   // blocks per tile
   constexpr int kRowChunks = D / 8;  // 16-byte pieces per row
   constexpr bool kSplitP = std::is_same_v<T, __half>;  // fp16 output: P needs more than fp16's 11 bits
-  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  constexpr float kLog2e = 1.4426950408889634f;
   using KLayout = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<CT>{}, Shape<Int<kKeys>, Int<D>>{}));
   using VLayout = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<half_t>{}, Shape<Int<D>, Int<kKeys>>{}));
 
@@ -473,24 +473,9 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
   }
   if (m >= p.nQ) return;  // the odd last query block has no partner
 
-  // Epilogue: out = O / l (0 for a row that saw nothing), lse = ln sum exp(scale q.k). O and l
-  // both carry the 2^kPShift of P; O also V's 2^-e, undone here exactly.
-  const float v_factor = exp2f(float(v_exponent(v_amax_bits)));
-  T* out = static_cast<T*>(p.out) + (int64_t(b) * p.q_heads + h) * p.nq * D;
-  float* lse = p.lse + (int64_t(b) * p.q_heads + h) * p.nq;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = row0 + 8 * r;
-    const float l = quad_sum(row_sum[r]);
-    const float inv = l > 0.f ? v_factor / l : 0.f;
-    if (row < p.nq) {
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt)
-        *reinterpret_cast<uint32_t*>(out + int64_t(row) * D + dt * 8 + 2 * t) =
-            pack2<T>(tOrO(dt * 4 + 2 * r) * inv, tOrO(dt * 4 + 2 * r + 1) * inv);
-      if (t == 0) lse[row] = l > 0.f ? fmaf(row_max[r] * sl2 - kPShift, kLn2, logf(l)) : -INFINITY;
-    }
-  }
+  // Epilogue: O and l both carry the 2^kPShift of P; O also V's 2^-e, undone here exactly.
+  bsa::store_output_rows<T, D>(p, b, h, row0, t, row_sum, row_max, sl2, exp2f(float(v_exponent(v_amax_bits))),
+                               kPShift, [&](int i) { return tOrO(i); });
 }
 
 template <typename T, int D, int BK>
