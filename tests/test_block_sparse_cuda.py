@@ -260,3 +260,41 @@ def test_kernel_argument_errors():
         OP(q[..., :32].contiguous(), k[..., :32].contiguous(), v[..., :32].contiguous(), mask, 64, 32, 0.125, True)
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
         OP(q, k, v, mask.cpu(), 64, 32, 0.125, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@gpu
+def test_both_kernels_meet_the_rule(dtype, monkeypatch):
+    """The wgmma kernel (default) and the mma.sync kernel (SALE_OPS_ATTENTION=mma) on the same
+    inputs, GQA 7:1, odd lengths, both key blocks: each within SPEC §7 of the reference."""
+    q, k, v = make_qkv(1, 7, 1, 1025, 128, kv_len=1100, dtype=dtype, device="cuda", seed=11)
+    for bk in (32, 64):
+        mask = random_mask(1, 7, 1025, 1100, bk, 0.3, seed=bk)
+        for kernel in ("mma", "wgmma"):
+            monkeypatch.setenv("SALE_OPS_ATTENTION", kernel)
+            check(q, k, v, mask, bk, True)
+
+
+@gpu
+def test_bf16_values_past_fp16_range():
+    """bf16 V far beyond fp16's range: the wgmma kernel's fp16 P.V scales V by an exact power of
+    two and undoes it, so nothing overflows and the SPEC §7 rule holds."""
+    q, k, v = make_qkv(1, 4, 2, 700, 64, dtype=torch.float32, device="cuda", seed=12)
+    v = (v * 3e5).bfloat16()
+    q, k = q.bfloat16(), k.bfloat16()
+    out, _ = check(q, k, v, random_mask(1, 4, 700, 700, 32, 0.5), 32, True)
+    assert bool(torch.isfinite(out).all()) and float(out.abs().max()) > 65504
+
+
+@gpu
+def test_fast_p_mode_is_close(monkeypatch):
+    """SALE_OPS_ATTENTION=fast (bf16: P rounded once to fp16) stays close to the exact result
+    (it may leave SPEC §7's elementwise bound in rare elements when |V| is large, so only the
+    relative error is asserted here)."""
+    q, k, v = make_qkv(1, 8, 2, 1500, 128, dtype=torch.bfloat16, device="cuda", seed=13)
+    mask = random_mask(1, 8, 1500, 1500, 32, 0.4)
+    exact = ref.block_sparse_attention(*(t.double() for t in (q, k, v)), mask, 64, 32, None, True, torch.float64)[0]
+    monkeypatch.setenv("SALE_OPS_ATTENTION", "fast")
+    fast, _ = run(q, k, v, mask, 32, True)
+    rel = float((fast.double() - exact).norm() / exact.norm())
+    assert rel < 4e-3, rel

@@ -1,5 +1,6 @@
 // Both block-sparse attention kernels (mma.sync: sale::launch_block_sparse_attention; wgmma:
-// sale::launch_block_sparse_attention_sm90 after the bf16 -> fp16 V conversion) against a
+// sale::launch_block_sparse_attention_sm90 after the bf16 -> fp16 V conversion, with P split or, for
+// bf16, rounded once) against a
 // double-precision host reference on small shapes (no libtorch).
 // Exit 0: pass, 1: fail, 77: no CUDA device (ctest SKIP_RETURN_CODE).
 #include <cmath>
@@ -21,12 +22,12 @@ struct Case {
   float v_magnitude = 1.f;  // V ~ N(0, v_magnitude^2): large values exercise the fp16 V scaling
 };
 
-enum class Kernel { kMma, kWgmma };
+enum class Kernel { kMma, kWgmma, kWgmmaFastP };
 
 // Runs the chosen kernel; the wgmma kernel reads V in fp16, converted here for bf16 inputs.
 cudaError_t launch(sale::BlockSparseAttentionParams p, Kernel kernel, bool bf16, int D, int bk, size_t v_elems) {
   if (kernel == Kernel::kMma) return sale::launch_block_sparse_attention(p, bf16, D, bk, nullptr);
-  if (!bf16) return sale::launch_block_sparse_attention_sm90(p, nullptr, false, D, bk, nullptr);
+  if (!bf16) return sale::launch_block_sparse_attention_sm90(p, nullptr, false, D, bk, false, nullptr);
   sale::ConvertVParams cv{};
   cv.v = static_cast<const __nv_bfloat16*>(p.v);
   cv.batch_stride = p.v_batch_stride, cv.head_stride = p.v_head_stride, cv.row_stride = p.v_row_stride;
@@ -36,7 +37,8 @@ cudaError_t launch(sale::BlockSparseAttentionParams p, Kernel kernel, bool bf16,
   CUDA_OK(sale::launch_convert_v(cv, 132, nullptr));
   p.v = cv.out;
   p.v_row_stride = D, p.v_head_stride = int64_t(p.nk) * D, p.v_batch_stride = int64_t(p.kv_heads) * p.nk * D;
-  const cudaError_t err = sale::launch_block_sparse_attention_sm90(p, cv.amax_bits, true, D, bk, nullptr);
+  const bool fast_p = kernel == Kernel::kWgmmaFastP;
+  const cudaError_t err = sale::launch_block_sparse_attention_sm90(p, cv.amax_bits, true, D, bk, fast_p, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
   CUDA_OK(cudaFree(cv.out));
   CUDA_OK(cudaFree(cv.amax_bits));
@@ -160,7 +162,7 @@ int run_case(const Case& c, Kernel kernel, std::mt19937& rng) {
           std::printf("  mismatch at b=%d h=%d row=%d: lse %f vs %f\n", b, h, i, got_lse, want_lse);
       }
   std::printf("%s %s B=%d Hq=%d Hkv=%d Nq=%d Nk=%d D=%d bk=%d causal=%d: max |out err| %.2e, max |lse err| %.2e, %d bad rows\n",
-              kernel == Kernel::kMma ? "mma.sync" : "wgmma", c.bf16 ? "bf16" : "fp16", B, Hq, Hkv, Nq, Nk, D, bk, int(c.causal), worst, worst_lse, bad);
+              kernel == Kernel::kMma ? "mma.sync" : kernel == Kernel::kWgmma ? "wgmma" : "wgmma fast-P", c.bf16 ? "bf16" : "fp16", B, Hq, Hkv, Nq, Nk, D, bk, int(c.causal), worst, worst_lse, bad);
   for (const void* ptr : {p.q, p.k, p.v, static_cast<const void*>(p.mask)}) CUDA_OK(cudaFree(const_cast<void*>(ptr)));
   CUDA_OK(cudaFree(out_d));
   CUDA_OK(cudaFree(lse_d));
@@ -180,7 +182,7 @@ int main() {
       {1, 1, 1, 70, 33000, 64, 32, false, true},       // > 1024 kept blocks: several compaction passes
   };
   int failed = 0;
-  for (Kernel kernel : {Kernel::kMma, Kernel::kWgmma})
+  for (Kernel kernel : {Kernel::kMma, Kernel::kWgmma, Kernel::kWgmmaFastP})
     for (const Case& c : cases)
       failed += c.bf16 ? run_case<__nv_bfloat16>(c, kernel, rng) : run_case<__half>(c, kernel, rng);
   std::printf(failed ? "FAILED: %d case(s)\n" : "PASSED\n", failed);
