@@ -650,6 +650,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     common.add_argument("--haystack", default="paul_graham", help="paul_graham, squad, synthetic or a text file")
     common.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--no-progress", action="store_true")
     n = sub.add_parser("needle", parents=[common], help="dense vs SALE answers on retrieval tasks")
     n.add_argument("--lengths", default="2048", help="comma-separated prompt lengths in tokens")
     n.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {TASKS}")
@@ -697,7 +698,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prompts = [torch.tensor(tokenizer(s.prompt)["input_ids"]) for s in samples]
         meta.update(task=args.task, tokens=[len(x) for x in prompts], bk=args.bk, window=args.window,
                     stride=args.stride)
-        result = model_fidelity(model, prompts, thresholds, bk=args.bk, window=args.window, stride=args.stride)
+        result = model_fidelity(model, prompts, thresholds, bk=args.bk, window=args.window, stride=args.stride,
+                                progress=not args.no_progress)
         md = fidelity_markdown(result, meta)
         data = {"meta": meta, "summary": fidelity_summary(result),
                 "per_layer_head": {r: {m: t.tolist() for m, t in ms.items()} for r, ms in result.items()}}
