@@ -261,15 +261,21 @@ def random_prompts(vocab_size: int, n: int, seq_len: int, seed: int = 0) -> list
     return [torch.randint(0, vocab_size, (seq_len,), generator=g) for _ in range(n)]
 
 
-def _retrieval_text(rng: random.Random, pairs: int) -> str:
+def _retrieval_text_and_answer(rng: random.Random, pairs: int) -> tuple[str, str]:
+    """A key-value retrieval prompt and the value it asks for (used by sale_ops.eval too)."""
     keys = [str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(pairs)]
     values = [str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(pairs)]
-    asked = keys[rng.randrange(pairs)]
+    index = rng.randrange(pairs)
     body = ",\n".join(f'  "{k}": "{v}"' for k, v in zip(keys, values))
-    return (
+    text = (
         "Extract the value corresponding to the specified key in the JSON object below.\n\n"
-        f"{{\n{body}\n}}\n\nKey: \"{asked}\"\nThe value associated with the specified key is: \""
+        f"{{\n{body}\n}}\n\nKey: \"{keys[index]}\"\nThe value associated with the specified key is: \""
     )
+    return text, values[index]
+
+
+def _retrieval_text(rng: random.Random, pairs: int) -> str:
+    return _retrieval_text_and_answer(rng, pairs)[0]
 
 
 def retrieval_prompts(tokenizer, n: int, seq_len: int, seed: int = 0) -> list[torch.Tensor]:
