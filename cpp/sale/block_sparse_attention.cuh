@@ -66,6 +66,20 @@ __device__ __forceinline__ void store_output_rows(const BlockSparseAttentionPara
 
 
 constexpr int kRows = 64;  // bq
+
+// Whether the mask row starting at element `row` (bool or bit-packed, see the params) keeps key
+// block n.
+__device__ __forceinline__ bool mask_block_kept(const BlockSparseAttentionParams& p, int64_t row, int n) {
+  if (p.mask_packed)
+    return (static_cast<const uint32_t*>(p.mask)[row + (n >> 5) * p.mask_col_stride] >> (n & 31)) & 1u;
+  return static_cast<const uint8_t*>(p.mask)[row + n * p.mask_col_stride] != 0;
+}
+
+// Key blocks query block m can see: all, or (causal) those starting before its last row's end.
+__device__ __forceinline__ int visible_key_blocks(const BlockSparseAttentionParams& p, int m, int bk) {
+  return p.causal ? min(p.nK, (min((m + 1) * kRows, p.nq) + p.nk - p.nq + bk - 1) / bk) : p.nK;
+}
+
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kKeys = 64;     // keys per tile
@@ -99,13 +113,6 @@ __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(con
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
   const int64_t mask_row = b * p.mask_batch_stride + h * p.mask_head_stride + m * p.mask_row_stride;
-  auto block_kept = [&](int n) -> bool {
-    if (p.mask_packed) {
-      const uint32_t* words = static_cast<const uint32_t*>(p.mask) + mask_row;
-      return (words[(n >> 5) * p.mask_col_stride] >> (n & 31)) & 1u;
-    }
-    return static_cast<const uint8_t*>(p.mask)[mask_row + n * p.mask_col_stride] != 0;
-  };
 
   // A fragments of the warp's 16 query rows (rows past Nq are zero: finite, never stored).
   uint32_t qa[D / 16][4];
@@ -127,7 +134,7 @@ __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(con
   const float sl2 = p.scale * kLog2e;
 
   // Causal: blocks starting at or past the last row's end are invisible to the whole query block.
-  const int n_end = p.causal ? min(p.nK, (min((m + 1) * kRows, p.nq) + shift + BK - 1) / BK) : p.nK;
+  const int n_end = visible_key_blocks(p, m, BK);
   const int first_row_end = m * kRows + shift;  // last key the block's first row sees
 
   for (int c0 = 0; c0 < n_end; c0 += kChunk) {
@@ -136,7 +143,7 @@ __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(con
     int count = 0;
     for (int base = c0, round = 0; base < c1; base += kThreads, ++round) {
       const int n = base + tid;
-      const bool kept = n < c1 && block_kept(n);
+      const bool kept = n < c1 && mask_block_kept(p, mask_row, n);
       const unsigned ballot = __ballot_sync(0xffffffffu, kept);
       if (lane == 0) sm.warp_count[round & 1][warp] = __popc(ballot);
       __syncthreads();

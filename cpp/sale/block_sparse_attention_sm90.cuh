@@ -1,10 +1,10 @@
 // SPEC §5 block-sparse attention on Hopper warpgroup MMA (wgmma, sm_90a), torch-free.
 //
 // One CTA per (pair of query blocks m0 = 2x, m0 + 1, query head, batch), warp-specialised:
-//   - a producer warpgroup compacts the union of the two mask rows into a list of kept key
-//     blocks (ascending, so the summation order and the result are deterministic) and streams
-//     them, 64 keys per stage, into a ring of shared-memory stages with cp.async (full/empty
-//     mbarriers); each stage records which of the two query blocks keeps each of its blocks;
+//   - a producer warpgroup compacts the two mask rows into lists of kept key blocks by owner
+//     (both rows, the first only, the second only; ascending, so the summation order and the
+//     result are deterministic) and streams them, 64 or 128 keys of one owner per stage, into a
+//     ring of shared-memory stages with cp.async (full/empty mbarriers);
 //   - two consumer warpgroups, one per query block, hold Q in registers and compute
 //     S = Q K^T and O += P V (wgmma RS) on the tiles their own row keeps, software-pipelined so
 //     a tile's softmax overlaps the previous tile's P V: loads are shared by 128 query rows,
@@ -174,11 +174,7 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
   const int h = blockIdx.y, b = blockIdx.z;
   const int hk = h / (p.q_heads / p.kv_heads);
   const int shift = p.nk - p.nq;  // causal: row i sees keys j <= i + shift
-  // Blocks a query block can see: causal ones end at its last row's end.
-  auto blocks_of = [&](int m) {
-    if (m >= p.nQ) return 0;
-    return p.causal ? min(p.nK, (min((m + 1) * kRows, p.nq) + shift + BK - 1) / BK) : p.nK;
-  };
+  auto blocks_of = [&](int m) { return m < p.nQ ? bsa::visible_key_blocks(p, m, BK) : 0; };
   const int n_end = max(blocks_of(m0), blocks_of(m0 + 1));
 
   if (threadIdx.x == 0) {
@@ -203,10 +199,7 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
     const __half* v = static_cast<const __half*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
     auto kept = [&](int w, int n) -> bool {
       if (n >= (w == 0 ? own_end0 : own_end1)) return false;
-      const int64_t row = b * p.mask_batch_stride + h * p.mask_head_stride + (m0 + w) * p.mask_row_stride;
-      if (p.mask_packed)
-        return (static_cast<const uint32_t*>(p.mask)[row + (n >> 5) * p.mask_col_stride] >> (n & 31)) & 1u;
-      return static_cast<const uint8_t*>(p.mask)[row + n * p.mask_col_stride] != 0;
+      return bsa::mask_block_kept(p, b * p.mask_batch_stride + h * p.mask_head_stride + (m0 + w) * p.mask_row_stride, n);
     };
     auto producer_sync = [] { asm volatile("bar.sync 1, %0;\n" ::"n"(kProducerThreads)); };
     // Each thread copies the same 16-byte column piece of rows slot0, slot0 + kSlotStep, ... of
@@ -492,9 +485,10 @@ inline cudaError_t launch_block_sparse_attention_sm90_impl(const BlockSparseAtte
 }
 
 // p.v: fp16 values (see the kernel); the caller validated everything else as for
-// launch_block_sparse_attention. fast_p (bf16 only): P rounded once to fp16 (~15% faster) instead
-// of hi + lo; the output then can leave SPEC §7's elementwise bound in rare elements when |V| is
-// large (benchmarks/RESULTS.md, session 3), so it is opt-in.
+// launch_block_sparse_attention. fast_p (bf16 only): P rounded once to fp16 instead of hi + lo,
+// with 128-key stages (dense tiles ~30% faster on the H100, low densities slower); the output then
+// can leave SPEC §7's elementwise bound in rare elements when |V| is large (benchmarks/RESULTS.md,
+// session 3), so it is opt-in.
 inline cudaError_t launch_block_sparse_attention_sm90(const BlockSparseAttentionParams& p, const unsigned* v_amax_bits,
                                                       bool is_bf16, int head_dim, int bk, bool fast_p,
                                                       cudaStream_t stream) {
