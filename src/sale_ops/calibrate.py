@@ -40,6 +40,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import reference as ref
 from .functional import DEFAULT_BK, DEFAULT_BQ, DEFAULT_WINDOW, attention
 
 __all__ = [
@@ -118,9 +119,7 @@ def search_thresholds(
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
     """Causal attention (bottom-right aligned for ``Nq < Nk``) in fp32, rounded to ``q``'s dtype."""
     nq, nk = q.shape[2], k.shape[2]
-    mask = None
-    if nq != nk:
-        mask = torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None] + (nk - nq)
+    mask = None if nq == nk else ref._visible(torch.arange(nq, device=q.device), nq, nk)
     out = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float(), v.float(), attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
     )
@@ -225,9 +224,9 @@ def calibrate(
 
         def error_fn(tau, inputs=inputs, refs=refs, tokens=tokens):
             total = torch.zeros(heads)
-            for (q, k, v, s), ref, n in zip(inputs, refs, tokens):
+            for (q, k, v, s), exact, n in zip(inputs, refs, tokens):
                 out = attention(q, k, v, tau, bq=bq, bk=bk, window=window, scale=s)
-                total += head_errors(out, ref).cpu() * n
+                total += head_errors(out, exact).cpu() * n
             return total / sum(tokens)
 
         tau, err = search_thresholds(error_fn, heads, theta=theta, start=start, max_halvings=max_halvings)

@@ -46,6 +46,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from . import _checks
+from . import reference as ref
 from .functional import DEFAULT_BK, DEFAULT_BQ, DEFAULT_WINDOW, attention
 
 __all__ = [
@@ -312,9 +313,8 @@ def _is_bottom_right_causal(mask: torch.Tensor, q_len: int, kv_len: int) -> bool
         return False
     if torch.compiler.is_compiling():
         return False
-    rows = torch.arange(q_len, device=mask.device)[:, None] + (kv_len - q_len)
-    cols = torch.arange(kv_len, device=mask.device)[None, :]
-    return bool(torch.equal(mask, (cols <= rows).expand_as(mask)))
+    causal = ref._visible(torch.arange(q_len, device=mask.device), q_len, kv_len)
+    return bool(torch.equal(mask, causal.expand_as(mask)))
 
 
 def _exact_reason(module, query, key, value, attention_mask, dropout, is_causal, kwargs, settings) -> Optional[str]:
