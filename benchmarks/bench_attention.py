@@ -18,7 +18,7 @@ import argparse
 import torch
 
 import sale_ops
-from common import cudnn_causal, time_ms
+from common import cudnn_causal, random_block_mask, time_ms
 from sale_ops import reference as ref
 
 BQ = 64
@@ -27,13 +27,7 @@ BQ = 64
 def random_mask(hq, n, bk, density, seed):
     """[1, hq, nQ, nK]: causal blocks kept with probability p, plus sink and diagonal blocks,
     p chosen so the kept fraction of causal blocks is about `density`."""
-    causal = ref.causal_blocks(n, n, BQ, bk, "cuda")
-    forced = ref.dense_blocks(n, n, BQ, bk, BQ, "cuda") & causal  # sink + blocks on the diagonal
-    n_causal, n_forced = int(causal.sum()), int(forced.sum())
-    p = max(0.0, (density * n_causal - n_forced) / max(n_causal - n_forced, 1))
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    keep = torch.rand(1, hq, *causal.shape, device="cuda", generator=g) < p
-    return (keep & causal) | forced
+    return random_block_mask(hq, n, bk, density, seed, bq=BQ, window=BQ, device="cuda")
 
 
 def visible_pairs(mask, n, bk):

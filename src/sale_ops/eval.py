@@ -67,6 +67,8 @@ __all__ = [
     "layer_fidelity",
     "model_fidelity",
     "run_needle",
+    "needle_criterion",
+    "needle_markdown",
     "main",
 ]
 
@@ -517,9 +519,11 @@ def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 
 
 def run_needle(model, tokenizer, samples: Sequence[Sample], thresholds, *, dense_below=None,
-               max_new_tokens: int = 24, log: Optional[Callable[[str], None]] = None) -> list[dict]:
+               max_new_tokens: int = 24, log: Optional[Callable[[str], None]] = None,
+               on_row: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """Greedy answers of ``model`` to each sample with exact attention (``sdpa``) and with SALE
-    (:func:`sale_ops.hf.enable` with ``thresholds``), scored with :func:`score`."""
+    (:func:`sale_ops.hf.enable` with ``thresholds``), scored with :func:`score`. ``on_row`` is
+    called with each finished row (e.g. to save partial results)."""
     from . import hf
 
     kw = {} if dense_below is None else {"dense_below": dense_below}
@@ -534,10 +538,13 @@ def run_needle(model, tokenizer, samples: Sequence[Sample], thresholds, *, dense
             sale = _generate(model, tokenizer, s.prompt, max_new_tokens)
             sale_calls = hf.stats["sale"] - before
             hf.disable(model)
-            row = {"task": s.task, "seed": s.seed, "tokens": s.tokens, "answers": s.answers,
+            row = {"task": s.task, "seed": s.seed, "target_tokens": s.target_tokens, "tokens": s.tokens,
+                   "answers": s.answers,
                    "dense": dense, "sale": sale, "dense_score": score(s, dense), "sale_score": score(s, sale),
                    "sale_attention_calls": sale_calls}
             rows.append(row)
+            if on_row:
+                on_row(row)
             if log:
                 log(f"[{i + 1}/{len(samples)}] {s.task} {s.tokens} tok: dense {row['dense_score']:.2f} "
                     f"sale {row['sale_score']:.2f} ({sale_calls} SALE calls)")
@@ -551,18 +558,48 @@ def run_needle(model, tokenizer, samples: Sequence[Sample], thresholds, *, dense
 # --------------------------------------------------------------------------------------------
 
 
+def _length_key(row: dict) -> int:
+    """The target length of a row (rows written before ``target_tokens`` existed: tokens rounded down to 64)."""
+    return int(row.get("target_tokens") or row["tokens"] // 64 * 64)
+
+
+def needle_criterion(rows: list[dict], per: int = 20) -> list[dict]:
+    """Per target length: prompts, prompts answered fully (score 1) by dense and by SALE, and
+    whether SALE answers at least as many as dense minus one per ``per`` prompts
+    (``sale >= dense - n / per``)."""
+    out = []
+    for length in sorted({_length_key(r) for r in rows}):
+        rs = [r for r in rows if _length_key(r) == length]
+        n = len(rs)
+        dense = sum(r["dense_score"] == 1.0 for r in rs)
+        sale = sum(r["sale_score"] == 1.0 for r in rs)
+        out.append({"length": length, "prompts": n, "dense_correct": dense, "sale_correct": sale,
+                    "allowed_deficit": n / per, "passes": sale >= dense - n / per,
+                    "enough_prompts": n >= per, "agree": sum(r["dense"] == r["sale"] for r in rs)})
+    return out
+
+
 def needle_markdown(rows: list[dict]) -> str:
-    lines = ["| task | tokens | samples | dense | SALE | agree |", "|---|---|---|---|---|---|"]
+    lines = ["| task | length | samples | mean tokens | dense | SALE | agree |", "|---|---|---|---|---|---|---|"]
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["task"], r["tokens"] // 64 * 64), []).append(r)
-    for (task, tok), rs in sorted(groups.items()):
+        groups.setdefault((r["task"], _length_key(r)), []).append(r)
+    for (task, length), rs in sorted(groups.items()):
         d = sum(r["dense_score"] for r in rs) / len(rs)
         s = sum(r["sale_score"] for r in rs) / len(rs)
         agree = sum(r["dense"] == r["sale"] for r in rs)
-        lines.append(f"| {task} | ~{tok} | {len(rs)} | {d:.2f} | {s:.2f} | {agree}/{len(rs)} |")
+        tok = sum(r["tokens"] for r in rs) / len(rs)
+        lines.append(f"| {task} | {length} | {len(rs)} | {tok:.0f} | {d:.2f} | {s:.2f} | {agree}/{len(rs)} |")
     lines += ["", "Scores: share of expected answers found as exact substrings of the greedy answer; "
-              "agree: identical generated text. Tokens rounded down to a multiple of 64."]
+              "agree: identical generated text.", "",
+              "Per length (correct = every expected answer found; criterion: SALE correct >= dense correct "
+              "- prompts / 20):", "",
+              "| length | prompts | dense correct | SALE correct | allowed deficit | criterion | agree |",
+              "|---|---|---|---|---|---|---|"]
+    for c in needle_criterion(rows):
+        verdict = ("pass" if c["passes"] else "FAIL") + ("" if c["enough_prompts"] else " (< 20 prompts)")
+        lines.append(f"| {c['length']} | {c['prompts']} | {c['dense_correct']} | {c['sale_correct']} | "
+                     f"{c['allowed_deficit']:.2f} | {verdict} | {c['agree']}/{c['prompts']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -597,8 +634,9 @@ def fidelity_markdown(result: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fidelity_plots(result: dict, folder: str) -> list[str]:
-    """PNG plots of recall and error per layer (mean over heads) per rule; [] without matplotlib."""
+def fidelity_plots(result: dict, folder: str, prefix: str = "fidelity") -> list[str]:
+    """PNG plots ``<prefix>_<metric>.png`` of recall, error and density per layer (mean over heads)
+    per rule; [] without matplotlib."""
     try:
         import matplotlib
 
@@ -619,7 +657,7 @@ def fidelity_plots(result: dict, folder: str) -> list[str]:
         ax.set_title(f"SALE fidelity: {metric} per layer" + (" at equal density" if metric != "density" else ""))
         ax.grid(alpha=0.3)
         ax.legend()
-        path = os.path.join(folder, f"fidelity_{metric}.png")
+        path = os.path.join(folder, f"{prefix}_{metric}.png")
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
@@ -670,7 +708,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     n.add_argument("--max-new-tokens", type=int, default=24)
     n.add_argument("--dense-below", type=int, default=None, help="keys below which SALE is bypassed")
     f = sub.add_parser("fidelity", parents=[common], help="mask recall / error per layer and head vs other rules")
-    f.add_argument("--seq-len", type=int, default=2048)
+    f.add_argument("--seq-len", default="2048",
+                   help="prompt length in tokens, or comma-separated lengths (one model load; files fidelity_<N>.*)")
     f.add_argument("--prompts", type=int, default=1)
     f.add_argument("--task", choices=TASKS, default="single", help="prompt type to capture on")
     f.add_argument("--stride", type=int, default=DEFAULT_STRIDE, help="antidiagonal stride")
@@ -691,35 +730,54 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             p.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
         if args.samples < 1:
             p.error("--samples must be >= 1")
-    elif args.seq_len < 128 or args.prompts < 1 or args.stride < 1:
-        p.error("--seq-len must be >= 128, --prompts and --stride >= 1")
+    else:
+        try:
+            seq_lens = [int(x) for x in str(args.seq_len).split(",") if x]
+        except ValueError:
+            p.error(f"--seq-len must be an integer or comma-separated integers, got {args.seq_len!r}")
+        if not seq_lens or min(seq_lens) < 128 or args.prompts < 1 or args.stride < 1:
+            p.error("--seq-len must be >= 128, --prompts and --stride >= 1")
 
     model, tokenizer, name = _load_model(args)
     thresholds = _thresholds_arg(args.thresholds, model)
     meta = {"model": name, "thresholds": args.thresholds, "haystack": args.haystack, "seed": args.seed}
     if args.command == "needle":
         samples = make_samples(tasks, tokenizer, lengths, args.samples, args.seed, haystack=args.haystack)
+        # seed-major order: a run cut short still has about as many prompts of every task and length
+        samples.sort(key=lambda s: s.seed)
+        meta.update(lengths=lengths, tasks=tasks, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                    dense_below=args.dense_below)
+        partial: list = []
+
+        def save_partial(row):  # needle.json holds every finished row, so a run cut short keeps them
+            partial.append(row)
+            _write(args.out_dir, "needle", needle_markdown(partial), {"meta": meta, "rows": partial, "complete": False})
+
         rows = run_needle(model, tokenizer, samples, thresholds, dense_below=args.dense_below,
-                          max_new_tokens=args.max_new_tokens, log=lambda s: print(s, file=sys.stderr))
+                          max_new_tokens=args.max_new_tokens, log=lambda s: print(s, file=sys.stderr),
+                          on_row=save_partial)
         md = needle_markdown(rows)
-        _write(args.out_dir, "needle", f"Needle: {json.dumps(meta)}\n\n" + md, {"meta": meta, "rows": rows})
+        _write(args.out_dir, "needle", f"Needle: {json.dumps(meta)}\n\n" + md,
+               {"meta": meta, "rows": rows, "complete": True})
         print(md)
     else:
-        samples = [make_sample(args.task, tokenizer, args.seq_len, args.seed + i, haystack=args.haystack)
-                   for i in range(args.prompts)]
-        prompts = [torch.tensor(tokenizer(s.prompt)["input_ids"]) for s in samples]
-        meta.update(task=args.task, tokens=[len(x) for x in prompts], bk=args.bk, window=args.window,
-                    stride=args.stride)
-        result = model_fidelity(model, prompts, thresholds, bk=args.bk, window=args.window, stride=args.stride,
-                                progress=not args.no_progress)
-        md = fidelity_markdown(result, meta)
-        data = {"meta": meta, "summary": fidelity_summary(result),
-                "per_layer_head": {r: {m: t.tolist() for m, t in ms.items()} for r, ms in result.items()}}
-        _write(args.out_dir, "fidelity", md, data)
-        plots = [] if args.no_plots else fidelity_plots(result, args.out_dir)
-        print("\n".join(md.split("\n")[:9]))
-        if plots:
-            print("plots: " + ", ".join(plots))
+        for seq_len in seq_lens:
+            name = "fidelity" if len(seq_lens) == 1 else f"fidelity_{seq_len}"
+            samples = [make_sample(args.task, tokenizer, seq_len, args.seed + i, haystack=args.haystack)
+                       for i in range(args.prompts)]
+            prompts = [torch.tensor(tokenizer(s.prompt)["input_ids"]) for s in samples]
+            m = dict(meta, task=args.task, seq_len=seq_len, tokens=[len(x) for x in prompts], bk=args.bk,
+                     window=args.window, stride=args.stride)
+            result = model_fidelity(model, prompts, thresholds, bk=args.bk, window=args.window,
+                                    stride=args.stride, progress=not args.no_progress)
+            md = fidelity_markdown(result, m)
+            data = {"meta": m, "summary": fidelity_summary(result),
+                    "per_layer_head": {r: {k: t.tolist() for k, t in ms.items()} for r, ms in result.items()}}
+            _write(args.out_dir, name, md, data)
+            plots = [] if args.no_plots else fidelity_plots(result, args.out_dir, prefix=name)
+            print("\n".join(md.split("\n")[:9]), flush=True)
+            if plots:
+                print("plots: " + ", ".join(plots))
     print(f"wrote {args.out_dir} ({time.time() - t0:.0f} s)", file=sys.stderr)
     return 0
 
