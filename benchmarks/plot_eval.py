@@ -13,7 +13,8 @@ criterion per length, fidelity per length and rule) and, with matplotlib, these 
 - ``eval_density_per_layer.png``: SALE's density per layer (mean over heads), one line per length;
 - ``eval_thresholds.png``: the calibrated thresholds per layer and head (log10).
 
-eval.py's own ``fidelity_plots`` (per layer at one length) are not repeated here.
+With ``--per-layer``, also eval.py's own per-layer plots (recall, error, density per layer and
+rule) for every length: ``eval_fidelity_<N>_<metric>.png``.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _mean(values) -> float:
     return sum(flat) / len(flat) if flat else math.nan
 
 
-def plots(res: dict, out_dir: str) -> list[str]:
+def plots(res: dict, out_dir: str, per_layer: bool = False) -> list[str]:
     try:
         import matplotlib
 
@@ -172,6 +173,13 @@ def plots(res: dict, out_dir: str) -> list[str]:
         ax.legend(fontsize=8)
         ax.set_title("SmolLM2-135M: kept share of causal blocks per layer", fontsize=10)
         save(fig, "eval_density_per_layer.png")
+    if per_layer:
+        import torch
+
+        for n, data in sorted(fid.items()):
+            result = {r: {m: torch.tensor(v, dtype=torch.float32) for m, v in ms.items()}
+                      for r, ms in data["per_layer_head"].items()}
+            paths += ev.fidelity_plots(result, out_dir, prefix=f"eval_fidelity_{n}")
     cal = res["calibration"]
     if cal is not None:
         t = cal.thresholds
@@ -193,6 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--summary", help="write the markdown summary here (default: print it)")
     p.add_argument("--out-dir", default="docs", help="PNG plots go here (default %(default)s)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--per-layer", action="store_true", help="also per-layer fidelity plots for every length")
     a = p.parse_args(argv)
     res = load(a.results)
     md = summary_markdown(res)
@@ -201,7 +210,7 @@ def main(argv=None) -> int:
             f.write(md)
     print(md)
     if not a.no_plots:
-        for path in plots(res, a.out_dir):
+        for path in plots(res, a.out_dir, per_layer=a.per_layer):
             print("wrote", path)
     return 0
 

@@ -2,6 +2,7 @@
 needle criterion and report, the fidelity CLI's length list, the carry split, and bench_ttft's
 masks and model on a tiny Llama (all fast)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -159,3 +160,40 @@ def test_ttft_tiny_model_variants(ttft):
     assert rel(logits["sale"], logits["dense"]) < 0.02  # every causal block kept: exact attention
     assert rel(logits["sale_sparse"], logits["dense"]) > 5 * rel(logits["sale"], logits["dense"])
     assert rel(logits["none"], logits["dense"]) > 0.05
+
+
+# ---------------------------------------------------------------- plot_eval
+
+
+def test_plot_eval_summary_and_plots(tmp_path):
+    from sale_ops import calibrate as cal
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import plot_eval
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    res_dir = tmp_path / "res"
+    (res_dir / "needle").mkdir(parents=True)
+    rows = [_row(n, t, True, i > 0) for n in (2048, 4096) for t in ("single", "kv") for i in range(10)]
+    (res_dir / "needle" / "needle.json").write_text(json.dumps({"meta": {"thresholds": "x"}, "rows": rows}))
+    per = {r: {m: [[0.5, 0.6], [0.7, float("nan")]] for m in ("density", "recall", "error")} for r in ev.RULES}
+    for n in (2048, 4096):
+        summ = {r: {"density": 0.5, "recall": 0.99, "min_recall": 0.9, "error": 0.01 * n / 2048} for r in ev.RULES}
+        data = {"meta": {"seq_len": n, "tokens": [n - 3], "thresholds": "x"}, "summary": summ, "per_layer_head": per}
+        (res_dir / f"fidelity_{n}.json").write_text(json.dumps(data))
+    thr = torch.tensor([[8e-3, 0.0], [4e-3, 8e-3]])
+    cal.save_thresholds(res_dir / "smollm2_thresholds.json",
+                        cal.Calibration(thr, torch.tensor([[0.1, 0.5], [0.2, 0.3]]), {"theta": "0.4"}))
+    res = plot_eval.load(str(res_dir))
+    assert sorted(res["fidelity"]) == [2048, 4096] and len(res["needle"]) == 40
+    md = plot_eval.summary_markdown(res)
+    assert "exact heads (tau 0): 1" in md
+    assert "| 2048 | 20 | 20 | 18 | 1.00 | FAIL | 18/20 |" in md  # SALE misses 2 of 20
+    assert "| 4096 | 4093 | sale | 0.5000 | 0.9900 | 0.9000 | 0.0200 |" in md
+    pytest.importorskip("matplotlib")
+    paths = plot_eval.plots(res, str(tmp_path / "png"), per_layer=True)
+    names = {os.path.basename(p) for p in paths}
+    assert {"eval_needle_accuracy.png", "eval_fidelity_vs_length.png", "eval_density_per_layer.png",
+            "eval_thresholds.png", "eval_fidelity_2048_recall.png"} <= names
+    assert all(os.path.getsize(p) > 0 for p in paths)
