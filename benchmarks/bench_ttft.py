@@ -73,35 +73,45 @@ LLAMA_31_8B = dict(
     hidden_act="silu",
 )
 
+# a small model with the same structure, for smoke runs (--tiny) and tests
+TINY = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=512,
+            vocab_size=1000)
+
 # names under which the variants are registered with transformers' AttentionInterface
 DENSE, NONE, SALE = "ttft_dense", "ttft_none", "ttft_sale"
 
 
+def _mark(cuda: bool):
+    """A point in time: a recorded CUDA event, or (CPU smoke runs) the host clock."""
+    if not cuda:
+        return time.perf_counter()
+    e = torch.cuda.Event(enable_timing=True)
+    e.record()
+    return e
+
+
+def _elapsed_ms(a, b) -> float:
+    return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1e3
+
+
 class _Timer:
-    """CUDA events around attention calls (recorded only while ``on``); ``ms(part)`` sums them."""
+    """Marks around attention calls (recorded only while ``on``); ``ms(part)`` sums them."""
 
     def __init__(self):
-        self.on, self.events = False, {}
+        self.on, self.cuda, self.events = False, True, {}
 
     def reset(self, on: bool):
         self.on, self.events = on, {}
 
     def start(self, part):
-        if not self.on:
-            return None
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        return e
+        return _mark(self.cuda) if self.on else None
 
     def stop(self, part, start):
-        if start is None:
-            return
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        self.events.setdefault(part, []).append((start, e))
+        if start is not None:
+            self.events.setdefault(part, []).append((start, _mark(self.cuda)))
 
     def ms(self, part) -> float:
-        return sum(a.elapsed_time(b) for a, b in self.events.get(part, []))
+        return sum(_elapsed_ms(a, b) for a, b in self.events.get(part, []))
 
 
 class State:
@@ -111,14 +121,22 @@ class State:
     tau: float = 1e-3
     masks: list = []
     dense_backend = SDPBackend.CUDNN_ATTENTION
+    notes: set = set()
 
 
 def dense_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
     t = State.timer.start("attention")
     with sdpa_kernel(State.dense_backend):
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, is_causal=True, scale=scaling, enable_gqa=True
-        )
+        try:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, is_causal=True, scale=scaling, enable_gqa=True
+            )
+        except RuntimeError as e:  # the backend refused these strides: retry on contiguous copies (timed too)
+            State.notes.add(f"dense attention needed contiguous q/k/v (copies inside the attention time): {e}"[:300])
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query.contiguous(), key.contiguous(), value.contiguous(), is_causal=True, scale=scaling,
+                enable_gqa=True,
+            )
     State.timer.stop("attention", t)
     return out.transpose(1, 2), None
 
@@ -183,19 +201,22 @@ def prefill(model, ids):
 
 def time_prefill(model, ids, warmup: int, repeats: int) -> dict:
     """Median TTFT and attention times (ms) over ``repeats`` prefills after ``warmup`` ones."""
+    cuda = ids.device.type == "cuda"
+    State.timer.cuda = cuda
     for _ in range(warmup):
         prefill(model, ids)
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     rows = []
     for _ in range(repeats):
         State.timer.reset(True)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start = _mark(cuda)
         prefill(model, ids)
-        end.record()
-        end.synchronize()
+        end = _mark(cuda)
+        if cuda:
+            end.synchronize()
         parts = {p: State.timer.ms(p) for p in ("attention", "select", "sparse")}
-        rows.append(dict(ttft=start.elapsed_time(end), **parts))
+        rows.append(dict(ttft=_elapsed_ms(start, end), **parts))
         State.timer.reset(False)
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
@@ -212,20 +233,25 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=LLAMA_31_8B["num_hidden_layers"], help="fewer for a quick check")
     p.add_argument("--no-none", action="store_true", help="skip the attention-free run")
     p.add_argument("--out", help="JSON rows (rewritten after every row)")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (use with --tiny)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model instead of Llama-3.1-8B's shapes (tests)")
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA GPU (the tests run the pieces on CPU)")
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (or --device cpu --tiny for a smoke run)")
     import transformers
 
     t0 = time.time()
-    config = llama_config(num_hidden_layers=a.layers)
-    model = build_model(config)
+    config = llama_config(num_hidden_layers=a.layers, **(TINY if a.tiny else {}))
+    model = build_model(config, device=dev)
+    State.dense_backend = SDPBackend.CUDNN_ATTENTION if dev.type == "cuda" else SDPBackend.MATH
     State.tau = a.tau
     hq = config.num_attention_heads
-    info = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}; "
-            f"{sale_ops.backend_summary('cuda')}")
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
+    info = (f"{name}, torch {torch.__version__}, transformers {transformers.__version__}; "
+            f"{sale_ops.backend_summary(dev.type)}")
     print(info)
-    print(f"Llama-3.1-8B shapes ({a.layers} layers, random bf16 weights, "
+    print(f"{'TINY model' if a.tiny else 'Llama-3.1-8B shapes'} ({a.layers} layers, random bf16 weights, "
           f"{sum(x.numel() for x in model.parameters()) / 1e9:.2f} B parameters, built in {time.time() - t0:.0f} s); "
           f"B 1; prefill with logits of the last token only; median of {a.repeats} after {a.warmup} warm-up.")
     print("SALE: real selection (quantize + block_mask_bits, tau "
@@ -247,12 +273,12 @@ def main(argv=None) -> int:
               flush=True)
         if a.out:
             with open(a.out, "w") as f:
-                json.dump({"info": info, "args": vars(a), "rows": rows}, f, indent=1)
+                json.dump({"info": info, "args": vars(a), "rows": rows, "notes": sorted(State.notes)}, f, indent=1)
 
     with torch.inference_mode():
         for n in a.lengths:
-            g = torch.Generator(device="cuda").manual_seed(n)
-            ids = torch.randint(0, config.vocab_size, (1, n), device="cuda", generator=g)
+            g = torch.Generator(device=dev).manual_seed(n)
+            ids = torch.randint(0, config.vocab_size, (1, n), device=dev, generator=g)
             model.set_attn_implementation(DENSE)
             d = time_prefill(model, ids, a.warmup, a.repeats)
             base = dict(n=n, layers=a.layers, dense_ttft_ms=d["ttft"], dense_attention_ms=d["attention"])
@@ -265,7 +291,7 @@ def main(argv=None) -> int:
                           sparse_ms=0.0, ttft_speedup=d["ttft"] / z["ttft"], attention_speedup=None))
             model.set_attn_implementation(SALE)
             for density in a.densities:
-                State.masks, measured = synthetic_masks(a.layers, hq, n, density, seed=n, window=a.window)
+                State.masks, measured = synthetic_masks(a.layers, hq, n, density, seed=n, window=a.window, device=dev)
                 s = time_prefill(model, ids, a.warmup, a.repeats)
                 att = s["select"] + s["sparse"]
                 emit(dict(base, variant="sale", density=measured, target_density=density, tau=a.tau,
@@ -273,8 +299,12 @@ def main(argv=None) -> int:
                           ttft_speedup=d["ttft"] / s["ttft"], attention_speedup=d["attention"] / att))
                 State.masks = []
             del ids
-            torch.cuda.empty_cache()
-    print(f"\npeak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; total {time.time() - t0:.0f} s")
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    for note in sorted(State.notes):
+        print("NOTE:", note)
+    peak = f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; " if dev.type == "cuda" else ""
+    print(f"\n{peak}total {time.time() - t0:.0f} s")
     print("non-attention = TTFT - attention (CUDA events around each layer's attention call); the 'none' row "
           "skips attention entirely (its TTFT is the rest of the model measured directly).")
     return 0

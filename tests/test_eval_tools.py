@@ -162,6 +162,20 @@ def test_ttft_tiny_model_variants(ttft):
     assert rel(logits["none"], logits["dense"]) > 0.05
 
 
+def test_ttft_main_smoke_on_cpu(ttft, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ttft.State, "dense_backend", ttft.State.dense_backend)  # main sets MATH on CPU
+    out = tmp_path / "ttft.json"
+    assert ttft.main(["--device", "cpu", "--tiny", "--layers", "1", "--lengths", "256", "--densities", "1.0", "0.5",
+                      "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense", "none", "sale", "sale"]
+    assert all(r["ttft_ms"] > 0 for r in rows) and rows[0]["attention_ms"] > 0 and rows[1]["attention_ms"] == 0
+    sale = rows[2]
+    assert sale["density"] == 1.0 and sale["select_ms"] > 0 and sale["sparse_ms"] > 0
+    assert sale["attention_ms"] == sale["select_ms"] + sale["sparse_ms"] and rows[3]["density"] < 1.0
+    assert "| 256 | sale | 1.000 |" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- plot_eval
 
 
