@@ -68,7 +68,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null
 SITE=/tmp/site
 if ! "$PYTHON" -c "import gguf" 2>/dev/null; then
   if WHEEL=$(find_carry "wheels/gguf-*.whl"); then
-    "$PYTHON" -m pip install -q --no-index --no-deps --target "$SITE" "$WHEEL" || echo "gguf wheel install failed"
+    "$PYTHON" -m pip install -q --no-index --no-deps --target "$SITE" "$WHEEL" \
+      || "$PYTHON" -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$WHEEL" "$SITE" \
+      || echo "gguf wheel install failed"  # a pure-Python wheel is a zip of the package: unzipping is enough
   else
     echo "no gguf wheel in .carry/wheels or $STASH/wheels"
   fi
