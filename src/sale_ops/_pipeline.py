@@ -76,7 +76,31 @@ def _attention(q, k, v, tau, bq, bk, window, scale, causal, dense_below):
     # The mask travels bit-packed (1/8 of a bool mask's memory; sale_ops.mask_bits).
     if Nk < dense_below:
         mask = pack_block_mask(ref.causal_blocks(Nq, Nk, bq, bk, q.device)).expand(B, Hq, -1, -1).contiguous()
+        if _cudnn_serves(q, k):
+            out, lse = _cudnn_causal(q, k, v, scale)
+            return out, lse, mask
     else:
         mask = select_blocks(q, k, v, tau, bq, bk, window, scale)
     out, lse = torch.ops.sale.block_sparse_attention(q, k, v, mask, bq, bk, scale, True)
     return out, lse, mask
+
+
+def _cudnn_serves(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Below the break-even length the dense path is cuDNN's fused attention where it applies: the
+    same exact causal attention as tau = 0 (SPEC §6; both agree with the reference under SPEC §7),
+    at cuDNN's speed. It needs a CUDA device with cuDNN and Nq == Nk (SDPA's causal mask is aligned
+    top-left, SPEC's bottom-right: they differ for chunks). Decided from metadata only."""
+    return (
+        q.is_cuda
+        and q.shape[2] == k.shape[2]
+        and torch.backends.cudnn.is_available()
+        and torch.cuda.get_device_capability(q.device) >= (9, 0)
+    )
+
+
+def _cudnn_causal(q, k, v, scale: float):
+    """Dense causal attention and its log-sum-exp (natural log, fp32 ``[B, Hq, N]``) from cuDNN.
+    GQA is passed through unexpanded (cuDNN supports Hq != Hkv), so K/V are not copied."""
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
+    out, lse = res[0], res[1]
+    return out, lse.reshape(q.shape[:3]).float()

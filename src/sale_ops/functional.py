@@ -28,6 +28,7 @@ __all__ = [
     "block_mask",
     "block_sparse_attention",
     "block_density",
+    "merge_attention",
     "DEFAULT_BQ",
     "DEFAULT_BK",
     "DEFAULT_WINDOW",
@@ -221,3 +222,37 @@ def block_sparse_attention(
         _check_no_empty_rows(op, dense, q.shape[2], k.shape[2], bq, bk, causal)
     out, lse = torch.ops.sale.block_sparse_attention(q, k, v, block_mask, bq, bk, _scale(scale, q), causal)
     return (out, lse) if return_lse else out
+
+
+def merge_attention(
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention computed over disjoint sets of keys into attention over their union.
+
+    ``outs[i]`` ``[B, H, N, D]`` and ``lses[i]`` ``[B, H, N]`` (fp32, natural log, unsmoothed frame:
+    what :func:`attention` and :func:`block_sparse_attention` return with ``return_lse``) are the
+    results of the same queries against key set ``i``. For chunked prefill this joins a chunk's
+    attention to cached keys with its attention to its own keys, or partial results of a key range
+    split across calls: ``lse = log Σ_i exp(lse_i)`` and ``out = Σ_i exp(lse_i − lse) · out_i``,
+    in fp32, returned in the dtype of ``outs[0]``. A row that saw no key in part ``i`` should carry
+    ``lse_i = -inf`` there (it then contributes nothing).
+    """
+    op = "sale_ops.merge_attention"
+    if len(outs) != len(lses) or len(outs) == 0:
+        raise ValueError(f"{op}: needs one lse per output and at least one of each, got {len(outs)} outputs "
+                         f"and {len(lses)} lse tensors")
+    for i, (o, l) in enumerate(zip(outs, lses)):
+        if not isinstance(o, torch.Tensor) or not isinstance(l, torch.Tensor):
+            raise TypeError(f"{op}: part {i}: outputs and lse must be tensors")
+        if o.dim() != 4 or tuple(l.shape) != tuple(o.shape[:3]):
+            raise ValueError(f"{op}: part {i}: expected out [B, H, N, D] and lse [B, H, N], got shapes "
+                             f"{tuple(o.shape)} and {tuple(l.shape)}")
+        if o.shape != outs[0].shape or o.device != outs[0].device or l.device != o.device:
+            raise ValueError(f"{op}: part {i} has shape {tuple(o.shape)} on {o.device}; every part must match "
+                             f"part 0's {tuple(outs[0].shape)} on {outs[0].device}")
+    lse_all = torch.stack([l.float() for l in lses])  # [P, B, H, N]
+    lse = torch.logsumexp(lse_all, dim=0)
+    # Rows with no key in any part keep lse = -inf; their weights are set to 0 instead of NaN.
+    weights = torch.exp(lse_all - torch.where(torch.isfinite(lse), lse, 0.0)).nan_to_num(0.0)
+    out = sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outs))
+    return out.to(outs[0].dtype), lse
