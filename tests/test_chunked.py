@@ -85,18 +85,44 @@ def test_chunk_mask_equals_rows_of_full_prefill(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (7, 1)])
-def test_dense_below_is_exact_attention(device, hq, hkv):
-    # Below dense_below the op computes exact causal attention: the same as tau = 0 (SPEC §6), on
-    # CUDA through cuDNN where it applies (Nq == Nk), and every causal block in the returned mask.
+def test_dense_below_is_tau_zero(device, hq, hkv):
+    # Below dense_below the op computes every causal block: bit-identical to tau = 0 (SPEC §6).
     q, k, v = make_qkv(1, hq, hkv, 1500, 128, dtype=torch.bfloat16, device=device, seed=hq)
     dense = sale_ops.attention(q, k, v, 0.05, dense_below=2048, return_lse=True, return_block_mask=True)
     exact = sale_ops.attention(q, k, v, 0.0, dense_below=0, return_lse=True, return_block_mask=True)
-    want_out, want_lse = _exact(q, k, v)
-    assert torch.equal(dense.block_mask, exact.block_mask)
-    assert bool((dense.density == 1).all())
-    torch.testing.assert_close(dense.lse, want_lse, atol=1e-3, rtol=0)
-    lowprec = ref.block_sparse_attention(q, k, v, exact.block_mask, dtype=q.dtype)[0].float()
-    tol = 2 * (lowprec - want_out).abs() + 1e-3
-    assert bool(((dense.out.float() - want_out).abs() <= tol).all())
+    assert torch.equal(dense.block_mask, exact.block_mask) and bool((dense.density == 1).all())
+    assert torch.equal(dense.out, exact.out) and torch.equal(dense.lse, exact.lse)
     sparse = sale_ops.attention(q, k, v, 0.05, dense_below=0, return_block_mask=True)
-    assert float(sparse.density.mean()) < 1  # the same call above dense_below would skip blocks
+    assert float(sparse.density.mean()) < 1  # the same call at or above dense_below skips blocks
+    at_length = sale_ops.attention(q, k, v, 0.05, dense_below=1500, return_block_mask=True)
+    assert torch.equal(at_length.block_mask, sparse.block_mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 128), (8, 2, 64), (7, 1, 128)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_backend_cudnn(hq, hkv, d, dtype):
+    # dense_backend="cudnn": exact causal attention from cuDNN (its own rounding of P), the same
+    # lse, every causal block reported; chunks (Nq < Nk) stay on the exact SALE path.
+    q, k, v = make_qkv(1, hq, hkv, 1500, d, dtype=dtype, device="cuda", seed=hq)
+    got = sale_ops.attention(q, k, v, 0.05, dense_below=2048, dense_backend="cudnn", return_lse=True,
+                             return_block_mask=True)
+    exact = sale_ops.attention(q, k, v, 0.0, dense_below=0, return_lse=True, return_block_mask=True)
+    want_out, want_lse = _exact(q, k, v)
+    assert got.out.dtype == dtype and got.out.shape == q.shape
+    assert torch.equal(got.block_mask, exact.block_mask)
+    torch.testing.assert_close(got.lse, want_lse, atol=1e-3, rtol=0)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    assert (got.out.float() - want_out).abs().max().item() <= 2 * ulp * want_out.abs().max().item()
+    chunk = sale_ops.attention(q[:, :, 500:], k, v, 0.05, dense_below=2048, dense_backend="cudnn",
+                               return_block_mask=True)
+    assert bool((chunk.density == 1).all())
+    lowprec = ref.block_sparse_attention(q, k, v, exact.block_mask, dtype=dtype)[0].float()[:, :, 500:]
+    tol = 2 * (lowprec - want_out[:, :, 500:]).abs() + 1e-3  # SPEC §7: the exact kernels served it
+    assert bool(((chunk.out.float() - want_out[:, :, 500:]).abs() <= tol).all())
+
+
+def test_dense_backend_is_checked():
+    q, k, v = make_qkv(1, 2, 1, 100, 64)
+    with pytest.raises(ValueError, match="'dense_backend' must be one of"):
+        sale_ops.attention(q, k, v, 0.01, dense_backend="flash")

@@ -510,7 +510,7 @@ def run_needle(model, tokenizer, samples: Sequence[Sample], thresholds, *, dense
     (:func:`sale_ops.hf.enable` with ``thresholds``), scored with :func:`score`."""
     from . import hf
 
-    kw = {} if dense_below is None else {"dense_below": dense_below}
+    kw = {"dense_below": 0 if dense_below is None else dense_below}  # default: SALE at every length
     previous = model.config._attn_implementation
     rows = []
     try:

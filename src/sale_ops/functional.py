@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from . import _checks
+from . import _checks, _pipeline
 from .mask_bits import unpack_block_mask
 from .reference import Quantized, block_density
 
@@ -38,9 +38,12 @@ __all__ = [
 DEFAULT_BQ = 64
 DEFAULT_BK = 32
 DEFAULT_WINDOW = 128
-# Sequences shorter than this many keys are computed densely (SPEC §6). The break-even length of
-# the GPU kernels has not been measured yet, so nothing is sent to the dense path by default.
-DEFAULT_DENSE_BELOW = 0
+# Sequences shorter than this many keys are computed densely (SPEC §6). Measured on an H100
+# (benchmarks/bench_breakeven.py, RESULTS.md 2026-11-22 session 4): from 16K keys SALE at block
+# density <= 0.25 beats the exact dense path of the same kernels for Llama-3.1-8B and D 64 shapes;
+# below it the selection pass (and its launch overhead) costs more than the skipped blocks save.
+DEFAULT_DENSE_BELOW = 16384
+DENSE_BACKENDS = ("exact", "cudnn")
 
 Thresholds = Union[float, Sequence[float], torch.Tensor]
 
@@ -109,6 +112,7 @@ def attention(
     scale: Optional[float] = None,
     causal: bool = True,
     dense_below: Optional[int] = None,
+    dense_backend: str = "exact",
     return_lse: bool = False,
     return_block_mask: bool = False,
 ) -> Union[torch.Tensor, AttentionOutput]:
@@ -124,7 +128,13 @@ def attention(
         scale: softmax scale, default ``D ** -0.5``.
         causal: must be True (SALE is a causal-prefill method).
         dense_below: sequences with fewer keys than this are computed densely and exactly
-            (default :data:`DEFAULT_DENSE_BELOW`).
+            (default :data:`DEFAULT_DENSE_BELOW`; ``0`` always runs SALE).
+        dense_backend: what computes those short sequences: ``"exact"`` (default) the SALE
+            kernels with every causal block kept, identical to ``tau = 0`` (SPEC §6);
+            ``"cudnn"`` PyTorch's cuDNN attention where it applies (CUDA, ``Nq == Nk``; otherwise
+            ``"exact"``): cuDNN's speed and its numerics (P rounded to the input dtype, so not held
+            to SPEC §7's elementwise bound). With ``"cudnn"`` SALE only pays from a longer length:
+            about 24K keys at density 0.1 on an H100 (``benchmarks/bench_breakeven.py``).
         return_lse, return_block_mask: also return the log-sum-exp and/or the block mask with its
             density, as an :class:`AttentionOutput`.
 
@@ -136,7 +146,15 @@ def attention(
     _checks.check_qkv(op, q, k, v)
     tau = _thresholds(op, thresholds, q)
     dense_below = DEFAULT_DENSE_BELOW if dense_below is None else int(dense_below)
-    out, lse, bits = torch.ops.sale.attention(q, k, v, tau, bq, bk, window, _scale(scale, q), True, dense_below)
+    if dense_backend not in DENSE_BACKENDS:
+        raise ValueError(f"{op}: argument 'dense_backend' must be one of {DENSE_BACKENDS}, got {dense_backend!r}")
+    if dense_backend == "cudnn" and k.shape[2] < dense_below and _pipeline.cudnn_serves(q, k):
+        _checks.check_blocks(op, bq, bk, window)
+        _checks.check_scale(op, _scale(scale, q))
+        out, lse = _pipeline.cudnn_causal(q, k, v, _scale(scale, q))
+        bits = _pipeline.causal_bits(q.shape[0], q.shape[1], q.shape[2], k.shape[2], bq, bk, q.device)
+    else:
+        out, lse, bits = torch.ops.sale.attention(q, k, v, tau, bq, bk, window, _scale(scale, q), True, dense_below)
     if not (return_lse or return_block_mask):
         return out
     mask = unpack_block_mask(bits, -(-k.shape[2] // bk)) if return_block_mask else None
