@@ -17,3 +17,13 @@ def pytest_collection_modifyitems(config, items):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _sale_at_every_length(monkeypatch):
+    """The tests exercise the SALE kernels on short sequences, which sale_ops.attention would send
+    to its dense path by default (below the measured break-even length); tests of that path pass
+    dense_below themselves."""
+    import sale_ops.functional
+
+    monkeypatch.setattr(sale_ops.functional, "DEFAULT_DENSE_BELOW", 0)

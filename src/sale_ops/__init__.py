@@ -21,6 +21,7 @@ from .functional import (  # noqa: E402
     block_density,
     block_mask,
     block_sparse_attention,
+    merge_attention,
     quantize,
 )
 from ._reference_backend import backend_summary  # noqa: E402
@@ -35,6 +36,7 @@ __all__ = [
     "block_mask",
     "block_sparse_attention",
     "block_density",
+    "merge_attention",
     "pack_block_mask",
     "unpack_block_mask",
     "AttentionOutput",

@@ -75,8 +75,28 @@ def _attention(q, k, v, tau, bq, bk, window, scale, causal, dense_below):
     Nk = k.shape[2]
     # The mask travels bit-packed (1/8 of a bool mask's memory; sale_ops.mask_bits).
     if Nk < dense_below:
-        mask = pack_block_mask(ref.causal_blocks(Nq, Nk, bq, bk, q.device)).expand(B, Hq, -1, -1).contiguous()
+        mask = causal_bits(B, Hq, Nq, Nk, bq, bk, q.device)
     else:
         mask = select_blocks(q, k, v, tau, bq, bk, window, scale)
     out, lse = torch.ops.sale.block_sparse_attention(q, k, v, mask, bq, bk, scale, True)
     return out, lse, mask
+
+
+def causal_bits(B: int, Hq: int, Nq: int, Nk: int, bq: int, bk: int, device) -> torch.Tensor:
+    """The bit-packed mask of every causal block (what tau = 0 selects)."""
+    return pack_block_mask(ref.causal_blocks(Nq, Nk, bq, bk, device)).expand(B, Hq, -1, -1).contiguous()
+
+
+def cudnn_serves(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether cuDNN's fused attention can stand in for the dense path: a CUDA tensor, cuDNN present
+    and Nq == Nk (SDPA aligns its causal mask top-left, SPEC bottom-right: they differ for chunks).
+    Metadata only, so the decision costs no synchronisation."""
+    return q.is_cuda and q.shape[2] == k.shape[2] and torch.backends.cudnn.is_available()
+
+
+def cudnn_causal(q, k, v, scale: float):
+    """Dense causal attention and its log-sum-exp (natural log, fp32 ``[B, Hq, N]``) from cuDNN.
+    GQA goes in unexpanded (cuDNN supports Hq != Hkv), so K/V are not copied. cuDNN rounds the
+    probabilities to the input dtype before P·V, so its output is not held to SPEC §7's bound."""
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
+    return res[0], res[1].reshape(q.shape[:3]).float()

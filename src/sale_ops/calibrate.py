@@ -225,7 +225,7 @@ def calibrate(
         def error_fn(tau, inputs=inputs, refs=refs, tokens=tokens):
             total = torch.zeros(heads)
             for (q, k, v, s), exact, n in zip(inputs, refs, tokens):
-                out = attention(q, k, v, tau, bq=bq, bk=bk, window=window, scale=s)
+                out = attention(q, k, v, tau, bq=bq, bk=bk, window=window, scale=s, dense_below=0)
                 total += head_errors(out, exact).cpu() * n
             return total / sum(tokens)
 

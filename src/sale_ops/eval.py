@@ -526,7 +526,7 @@ def run_needle(model, tokenizer, samples: Sequence[Sample], thresholds, *, dense
     called with each finished row (e.g. to save partial results)."""
     from . import hf
 
-    kw = {} if dense_below is None else {"dense_below": dense_below}
+    kw = {"dense_below": 0 if dense_below is None else dense_below}  # default: SALE at every length
     previous = model.config._attn_implementation
     rows = []
     try:

@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from . import _checks
+from . import _checks, _pipeline
 from .mask_bits import unpack_block_mask
 from .reference import Quantized, block_density
 
@@ -28,6 +28,7 @@ __all__ = [
     "block_mask",
     "block_sparse_attention",
     "block_density",
+    "merge_attention",
     "DEFAULT_BQ",
     "DEFAULT_BK",
     "DEFAULT_WINDOW",
@@ -37,9 +38,12 @@ __all__ = [
 DEFAULT_BQ = 64
 DEFAULT_BK = 32
 DEFAULT_WINDOW = 128
-# Sequences shorter than this many keys are computed densely (SPEC §6). The break-even length of
-# the GPU kernels has not been measured yet, so nothing is sent to the dense path by default.
-DEFAULT_DENSE_BELOW = 0
+# Sequences shorter than this many keys are computed densely (SPEC §6). Measured on an H100
+# (benchmarks/bench_breakeven.py, RESULTS.md 2026-11-22 session 4): from 16K keys SALE at block
+# density <= 0.25 beats the exact dense path of the same kernels for Llama-3.1-8B and D 64 shapes;
+# below it the selection pass (and its launch overhead) costs more than the skipped blocks save.
+DEFAULT_DENSE_BELOW = 16384
+DENSE_BACKENDS = ("exact", "cudnn")
 
 Thresholds = Union[float, Sequence[float], torch.Tensor]
 
@@ -108,6 +112,7 @@ def attention(
     scale: Optional[float] = None,
     causal: bool = True,
     dense_below: Optional[int] = None,
+    dense_backend: str = "exact",
     return_lse: bool = False,
     return_block_mask: bool = False,
 ) -> Union[torch.Tensor, AttentionOutput]:
@@ -123,7 +128,13 @@ def attention(
         scale: softmax scale, default ``D ** -0.5``.
         causal: must be True (SALE is a causal-prefill method).
         dense_below: sequences with fewer keys than this are computed densely and exactly
-            (default :data:`DEFAULT_DENSE_BELOW`).
+            (default :data:`DEFAULT_DENSE_BELOW`; ``0`` always runs SALE).
+        dense_backend: what computes those short sequences: ``"exact"`` (default) the SALE
+            kernels with every causal block kept, identical to ``tau = 0`` (SPEC §6);
+            ``"cudnn"`` PyTorch's cuDNN attention where it applies (CUDA, ``Nq == Nk``; otherwise
+            ``"exact"``): cuDNN's speed and its numerics (P rounded to the input dtype, so not held
+            to SPEC §7's elementwise bound). With ``"cudnn"`` SALE only pays from a longer length:
+            about 24K keys at density 0.1 on an H100 (``benchmarks/bench_breakeven.py``).
         return_lse, return_block_mask: also return the log-sum-exp and/or the block mask with its
             density, as an :class:`AttentionOutput`.
 
@@ -135,7 +146,15 @@ def attention(
     _checks.check_qkv(op, q, k, v)
     tau = _thresholds(op, thresholds, q)
     dense_below = DEFAULT_DENSE_BELOW if dense_below is None else int(dense_below)
-    out, lse, bits = torch.ops.sale.attention(q, k, v, tau, bq, bk, window, _scale(scale, q), True, dense_below)
+    if dense_backend not in DENSE_BACKENDS:
+        raise ValueError(f"{op}: argument 'dense_backend' must be one of {DENSE_BACKENDS}, got {dense_backend!r}")
+    if dense_backend == "cudnn" and k.shape[2] < dense_below and _pipeline.cudnn_serves(q, k):
+        _checks.check_blocks(op, bq, bk, window)
+        _checks.check_scale(op, _scale(scale, q))
+        out, lse = _pipeline.cudnn_causal(q, k, v, _scale(scale, q))
+        bits = _pipeline.causal_bits(q.shape[0], q.shape[1], q.shape[2], k.shape[2], bq, bk, q.device)
+    else:
+        out, lse, bits = torch.ops.sale.attention(q, k, v, tau, bq, bk, window, _scale(scale, q), True, dense_below)
     if not (return_lse or return_block_mask):
         return out
     mask = unpack_block_mask(bits, -(-k.shape[2] // bk)) if return_block_mask else None
@@ -221,3 +240,37 @@ def block_sparse_attention(
         _check_no_empty_rows(op, dense, q.shape[2], k.shape[2], bq, bk, causal)
     out, lse = torch.ops.sale.block_sparse_attention(q, k, v, block_mask, bq, bk, _scale(scale, q), causal)
     return (out, lse) if return_lse else out
+
+
+def merge_attention(
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention computed over disjoint sets of keys into attention over their union.
+
+    ``outs[i]`` ``[B, H, N, D]`` and ``lses[i]`` ``[B, H, N]`` (fp32, natural log, unsmoothed frame:
+    what :func:`attention` and :func:`block_sparse_attention` return with ``return_lse``) are the
+    results of the same queries against key set ``i``. For chunked prefill this joins a chunk's
+    attention to cached keys with its attention to its own keys, or partial results of a key range
+    split across calls: ``lse = log Σ_i exp(lse_i)`` and ``out = Σ_i exp(lse_i − lse) · out_i``,
+    in fp32, returned in the dtype of ``outs[0]``. A row that saw no key in part ``i`` should carry
+    ``lse_i = -inf`` there (it then contributes nothing).
+    """
+    op = "sale_ops.merge_attention"
+    if len(outs) != len(lses) or len(outs) == 0:
+        raise ValueError(f"{op}: needs one lse per output and at least one of each, got {len(outs)} outputs "
+                         f"and {len(lses)} lse tensors")
+    for i, (o, l) in enumerate(zip(outs, lses)):
+        if not isinstance(o, torch.Tensor) or not isinstance(l, torch.Tensor):
+            raise TypeError(f"{op}: part {i}: outputs and lse must be tensors")
+        if o.dim() != 4 or tuple(l.shape) != tuple(o.shape[:3]):
+            raise ValueError(f"{op}: part {i}: expected out [B, H, N, D] and lse [B, H, N], got shapes "
+                             f"{tuple(o.shape)} and {tuple(l.shape)}")
+        if o.shape != outs[0].shape or o.device != outs[0].device or l.device != o.device:
+            raise ValueError(f"{op}: part {i} has shape {tuple(o.shape)} on {o.device}; every part must match "
+                             f"part 0's {tuple(outs[0].shape)} on {outs[0].device}")
+    lse_all = torch.stack([l.float() for l in lses])  # [P, B, H, N]
+    lse = torch.logsumexp(lse_all, dim=0)
+    # Rows with no key in any part keep lse = -inf; their weights are set to 0 instead of NaN.
+    weights = torch.exp(lse_all - torch.where(torch.isfinite(lse), lse, 0.0)).nan_to_num(0.0)
+    out = sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outs))
+    return out.to(outs[0].dtype), lse
