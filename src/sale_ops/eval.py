@@ -706,7 +706,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     n.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {TASKS}")
     n.add_argument("--samples", type=int, default=2, help="prompts per task and length")
     n.add_argument("--max-new-tokens", type=int, default=24)
-    n.add_argument("--dense-below", type=int, default=None, help="keys below which SALE is bypassed")
+    n.add_argument("--dense-below", type=int, default=None, help="keys below which SALE is bypassed (default 0: SALE at every length)")
     f = sub.add_parser("fidelity", parents=[common], help="mask recall / error per layer and head vs other rules")
     f.add_argument("--seq-len", default="2048",
                    help="prompt length in tokens, or comma-separated lengths (one model load; files fidelity_<N>.*)")
@@ -746,7 +746,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # seed-major order: a run cut short still has about as many prompts of every task and length
         samples.sort(key=lambda s: s.seed)
         meta.update(lengths=lengths, tasks=tasks, samples=args.samples, max_new_tokens=args.max_new_tokens,
-                    dense_below=args.dense_below)
+                    dense_below=0 if args.dense_below is None else args.dense_below)
         partial: list = []
 
         def save_partial(row):  # needle.json holds every finished row, so a run cut short keeps them
