@@ -54,24 +54,31 @@ constexpr int kBq = 64;
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 
+// The kernels come in a batched and a packed (VARLEN: cu_seqlens set) instantiation, so the
+// batched code keeps addresses that the compiler can rebuild from parameters (no extra registers).
+
 // This CTA's sequence (sale/varlen.cuh): the batched shape, or its rows of the packed batch.
+template <bool VARLEN>
 __device__ __forceinline__ SeqSpan seq_of(const BlockMaskParams& p, int b) {
-  return seq_span(p.cu_seqlens_q, p.cu_seqlens_k, b, p.nq, p.nk);
+  if constexpr (VARLEN) return seq_span(p.cu_seqlens_q, p.cu_seqlens_k, b, p.nq, p.nk);
+  return SeqSpan{0, 0, p.nq, p.nk};
 }
 
 // First row of (b, query head h) in the query-side per-row buffers (codes, scales, thresholds).
+template <bool VARLEN>
 __device__ __forceinline__ int64_t q_rows_of(const BlockMaskParams& p, const SeqSpan& s, int b, int h) {
-  const bool packed = p.cu_seqlens_q != nullptr;
-  return rows_base(packed, b, h, p.q_heads, packed ? p.total_q : p.nq, s.q0);
+  return rows_base(VARLEN, b, h, p.q_heads, VARLEN ? p.total_q : p.nq, s.q0);
 }
 
 // First row of (b, head h of `heads`) in the key-side per-row buffers: k codes and scales (kv heads),
 // qk_bias (query heads); key_rows_per_head() apart per head.
+template <bool VARLEN>
 __device__ __forceinline__ int64_t key_rows_per_head(const BlockMaskParams& p) {
-  return p.cu_seqlens_k != nullptr ? p.total_k : p.nk;
+  return VARLEN ? p.total_k : p.nk;
 }
+template <bool VARLEN>
 __device__ __forceinline__ int64_t k_rows_of(const BlockMaskParams& p, const SeqSpan& s, int b, int h, int heads) {
-  return rows_base(p.cu_seqlens_k != nullptr, b, h, heads, key_rows_per_head(p), s.k0);
+  return rows_base(VARLEN, b, h, heads, key_rows_per_head<VARLEN>(p), s.k0);
 }
 
 // Exclusive causal end of query block m's last row (SPEC §4, e_m).
@@ -90,15 +97,15 @@ __device__ __forceinline__ int window_first_block(const BlockMaskParams& p, int 
 
 // One CTA of 4 warps per (query block of 64 rows, query head, batch); warp w owns rows
 // 16w .. 16w + 15 of the block.
-template <typename T, int D>
+template <typename T, int D, bool VARLEN>
 __global__ void __launch_bounds__(kThreads) row_threshold_kernel(const BlockMaskParams p) {
   constexpr int kKeys = 32;       // keys per smem tile
   constexpr int kPad = 8;         // 16 bytes: rows land on distinct banks for the B loads
   __shared__ __align__(16) T ks[kKeys][D + kPad];
 
   const int m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const SeqSpan sp = seq_of(p, b);
-  if (m * kBq >= sp.nq) return;  // past its sequence's end (varlen): no rows
+  const SeqSpan sp = seq_of<VARLEN>(p, b);
+  if (VARLEN && m * kBq >= sp.nq) return;  // past its sequence's end: no rows
   const int nq = sp.nq, nk = sp.nk;
   const int hk = h / (p.q_heads / p.kv_heads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -198,7 +205,7 @@ __global__ void __launch_bounds__(kThreads) row_threshold_kernel(const BlockMask
   for (int r = 0; r < 2; ++r) {
     const float l = quad_sum(row_sum[r]);
     if (t == 0 && rows[r] < nq) {
-      p.row_threshold[q_rows_of(p, sp, b, h) + rows[r]] = row_max[r] + logf(tau * l) / scale;
+      p.row_threshold[q_rows_of<VARLEN>(p, sp, b, h) + rows[r]] = row_max[r] + logf(tau * l) / scale;
     }
   }
 }
@@ -217,7 +224,7 @@ struct CandidateCta {
   bool empty;
 };
 
-template <int HEADS>
+template <int HEADS, bool VARLEN>
 __device__ __forceinline__ CandidateCta candidate_cta(const BlockMaskParams& p) {
   CandidateCta c;
   c.m = p.nQ - 1 - blockIdx.x;
@@ -225,15 +232,17 @@ __device__ __forceinline__ CandidateCta candidate_cta(const BlockMaskParams& p) 
   const int group = p.q_heads / p.kv_heads;
   c.hk = blockIdx.y / (group / HEADS);
   c.h0 = c.hk * group + (blockIdx.y % (group / HEADS)) * HEADS;
-  c.s = seq_of(p, c.b);
-  c.empty = c.m * kBq >= c.s.nq;
+  c.s = seq_of<VARLEN>(p, c.b);
+  c.empty = VARLEN && c.m * kBq >= c.s.nq;
   const int e = block_end(c.s, c.m);
   c.first_window = window_first_block(p, e);
   c.last_causal = (e - 1) / p.bk;
-  // A sequence shorter than dense_below keeps every causal block: all dense, no candidates.
-  // An empty block keeps nothing (init_mask_rows writes zeros) and has no candidates either.
-  if (c.s.nk < p.dense_below || c.empty) c.first_window = 0;
-  if (c.empty) c.last_causal = -1;
+  if constexpr (VARLEN) {
+    // A sequence shorter than dense_below keeps every causal block: all dense, no candidates.
+    // An empty block keeps nothing (init_mask_rows writes zeros) and has no candidates either.
+    if (c.s.nk < p.dense_below || c.empty) c.first_window = 0;
+    if (c.empty) c.last_causal = -1;
+  }
   return c;
 }
 
@@ -322,7 +331,7 @@ struct KeptBits {
 // mma.sync scorer. One CTA scores query block m of HEADS query heads that share a kv head
 // (GQA), so every K tile staged in shared memory feeds HEADS * 64 rows; each warp owns 32 rows
 // (two m16 tiles) of one head. A step scores one candidate block.
-template <int D, int BK, int HEADS>
+template <int D, int BK, int HEADS, bool VARLEN>
 __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const BlockMaskParams p) {
   constexpr int kThreadsC = 64 * HEADS;
   constexpr int kTiles = BK / 8;           // n8 tiles per step
@@ -334,12 +343,12 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
   __shared__ __align__(16) int8_t ks[kStages][BK][D + kPad];
   __shared__ __align__(16) float sbias[kStages][HEADS][BK];  // qk_bias of the step's keys
 
-  const CandidateCta cta = candidate_cta<HEADS>(p);
+  const CandidateCta cta = candidate_cta<HEADS, VARLEN>(p);
   const int m = cta.m, b = cta.b, hk = cta.hk, h0 = cta.h0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int h = h0 + warp / 2;
-  const int64_t q_rows = q_rows_of(p, cta.s, b, h);
-  const int64_t k_rows = k_rows_of(p, cta.s, b, hk, p.kv_heads);
+  const int64_t q_rows = q_rows_of<VARLEN>(p, cta.s, b, h);
+  const int64_t k_rows = k_rows_of<VARLEN>(p, cta.s, b, hk, p.kv_heads);
   init_mask_rows<HEADS>(p, cta);
   uint32_t* words = mask_words(p, cta, h);
   // Candidates are blocks 1 .. first_window - 1: wholly before e - W, so every existing row of
@@ -348,7 +357,6 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
   if (n_end <= 1) return;
 
   const int8_t* kc = p.k_codes + k_rows * D;
-  const float* bias0 = p.qk_bias + k_rows_of(p, cta.s, b, h0, p.q_heads);  // head h0; heads key_rows_per_head apart
   auto load_step = [&](int key0, int buf) {
 #pragma unroll
     for (int c = threadIdx.x; c < kCopies; c += kThreadsC) {
@@ -357,7 +365,10 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
     }
     // Bias rows start anywhere (Nk may be odd): 4-byte copies.
     for (int c = threadIdx.x; c < HEADS * BK; c += kThreadsC) {
-      cp_async_4(&sbias[buf][c / BK][c % BK], bias0 + (c / BK) * key_rows_per_head(p) + key0 + c % BK, 4);
+      // k_rows_of(.., h0 + c / BK, ..) + key, associated as the batched code always was (ptxas then
+      // keeps its spill count; other groupings of the same sum spill more)
+      const int64_t row = ((VARLEN ? 0 : int64_t(b) * p.q_heads) + h0 + c / BK) * key_rows_per_head<VARLEN>(p);
+      cp_async_4(&sbias[buf][c / BK][c % BK], p.qk_bias + (row + cta.s.k0 + key0 + c % BK), 4);
     }
     cp_async_commit();
   };
@@ -463,7 +474,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
   }
 }
 
-template <int D, int BK, int HEADS>
+template <int D, int BK, int HEADS, bool VARLEN>
 __global__ void candidate_kernel_ws(const BlockMaskParams p);  // block_mask_sm90.cuh
 template <int D, int BK, int HEADS>
 cudaError_t launch_candidate_ws(const BlockMaskParams& p, cudaStream_t stream);  // block_mask_sm90.cuh
@@ -488,7 +499,9 @@ inline cudaError_t launch_expand_mask(const uint32_t* bits, bool* mask, int64_t 
 
 template <typename T, int D, int BK>
 inline cudaError_t launch_block_mask_impl(const BlockMaskParams& p, cudaStream_t stream) {
-  row_threshold_kernel<T, D><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  if (varlen) row_threshold_kernel<T, D, true><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
+  else row_threshold_kernel<T, D, false><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   // As many query heads of a kv group per CTA as divide the group, up to 4.
@@ -500,9 +513,14 @@ inline cudaError_t launch_block_mask_impl(const BlockMaskParams& p, cudaStream_t
     return launch_candidate_ws<D, BK, 1>(p, stream);
   }
   const dim3 grid(p.nQ, p.q_heads / heads, p.batch);
-  if (heads == 4) candidate_kernel<D, BK, 4><<<grid, 256, 0, stream>>>(p);
-  else if (heads == 2) candidate_kernel<D, BK, 2><<<grid, 128, 0, stream>>>(p);
-  else candidate_kernel<D, BK, 1><<<grid, 64, 0, stream>>>(p);
+  auto launch = [&](auto varlen_tag) {
+    constexpr bool kVarlen = decltype(varlen_tag)::value;
+    if (heads == 4) candidate_kernel<D, BK, 4, kVarlen><<<grid, 256, 0, stream>>>(p);
+    else if (heads == 2) candidate_kernel<D, BK, 2, kVarlen><<<grid, 128, 0, stream>>>(p);
+    else candidate_kernel<D, BK, 1, kVarlen><<<grid, 64, 0, stream>>>(p);
+  };
+  if (varlen) launch(std::true_type{});
+  else launch(std::false_type{});
   return cudaGetLastError();
 }
 

@@ -56,7 +56,7 @@ struct Smem {
 
 }  // namespace ws
 
-template <int D, int BK, int HEADS>
+template <int D, int BK, int HEADS, bool VARLEN>
 __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candidate_kernel_ws(const BlockMaskParams p) {
   using namespace cute;
   using ws::kStages;
@@ -71,9 +71,9 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
   // Swizzled tiles need 1024-byte alignment; the launch asks for 1 KiB of slack.
   auto& sm = aligned_smem_1024<ws::Smem<D, HEADS>>(smem_raw);
 
-  const CandidateCta cta = candidate_cta<HEADS>(p);
+  const CandidateCta cta = candidate_cta<HEADS, VARLEN>(p);
   const int m = cta.m, b = cta.b, hk = cta.hk, h0 = cta.h0;
-  const int64_t k_rows = k_rows_of(p, cta.s, b, hk, p.kv_heads);
+  const int64_t k_rows = k_rows_of<VARLEN>(p, cta.s, b, hk, p.kv_heads);
   init_mask_rows<HEADS>(p, cta);
   const int n_end = cta.first_window;  // candidates: blocks 1 .. n_end - 1, all keys exist
   if (n_end <= 1) return;
@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
     const int qrow = m * kBq + row;
     const bool in = qrow < cta.s.nq;
     Tensor sQ = make_tensor(make_smem_ptr(sm.q[hh]), QLayout{});
-    const int8_t* src = p.q_codes + (q_rows_of(p, cta.s, b, h0 + hh) + (in ? qrow : 0)) * D + col;
+    const int8_t* src = p.q_codes + (q_rows_of<VARLEN>(p, cta.s, b, h0 + hh) + (in ? qrow : 0)) * D + col;
     cp_async_16(raw_pointer_cast(&sQ(row, col)), src, in ? 16 : 0);
   }
   cp_async_commit();
@@ -110,7 +110,6 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
     const int ptid = threadIdx.x - kConsumers;
     const int nk = cta.s.nk;
     const int8_t* kc = p.k_codes + k_rows * D;
-    const float* bias0 = p.qk_bias + k_rows_of(p, cta.s, b, h0, p.q_heads);  // heads key_rows_per_head apart
     for (int s = 0; s < steps; ++s) {
       const int stage = s % kStages;
       if (s >= kStages) Barrier::wait(&sm.empty[stage], ((s / kStages) & 1) ^ 1);
@@ -127,11 +126,13 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
       for (int c = ptid; c < HEADS * kStep; c += ws::kProducerThreads) {
         const int hh = c / kStep, key = c % kStep;
         const bool in = key0 + key < nk;
-        cp_async_4(&sm.bias[stage][hh][key], bias0 + hh * key_rows_per_head(p) + (in ? key0 + key : 0), in ? 4 : 0);
+        const float* bias = p.qk_bias + k_rows_of<VARLEN>(p, cta.s, b, h0 + hh, p.q_heads);
+        cp_async_4(&sm.bias[stage][hh][key], bias + (in ? key0 + key : 0), in ? 4 : 0);
       }
       if (ptid < kStep) {
         const bool in = key0 + ptid < nk;
-        cp_async_4(&sm.kscale[stage][ptid], p.k_scale + k_rows + (in ? key0 + ptid : 0), in ? 4 : 0);
+        const float* kscale = p.k_scale + k_rows_of<VARLEN>(p, cta.s, b, hk, p.kv_heads);
+        cp_async_4(&sm.kscale[stage][ptid], kscale + (in ? key0 + ptid : 0), in ? 4 : 0);
       }
       cutlass::arch::cpasync_barrier_arrive_noinc(&sm.full[stage]);
     }
@@ -145,7 +146,7 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int h = h0 + wg;
-  const int64_t q_rows = q_rows_of(p, cta.s, b, h);
+  const int64_t q_rows = q_rows_of<VARLEN>(p, cta.s, b, h);
   uint32_t* words = mask_words(p, cta, h);
 
   auto tiled_mma = make_tiled_mma(SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN_SATURATE{});
@@ -234,7 +235,8 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
 template <int D, int BK, int HEADS>
 cudaError_t launch_candidate_ws(const BlockMaskParams& p, cudaStream_t stream) {
   const int bytes = int(sizeof(ws::Smem<D, HEADS>)) + 1024;
-  auto kernel = candidate_kernel_ws<D, BK, HEADS>;
+  auto kernel =
+      p.cu_seqlens_q != nullptr ? candidate_kernel_ws<D, BK, HEADS, true> : candidate_kernel_ws<D, BK, HEADS, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.nQ, p.q_heads / HEADS, p.batch);

@@ -51,17 +51,17 @@ namespace bsa {
 // that saw nothing) and lse = ln sum exp(scale q.k). o(i), i = 4 dt + 2 r + c, is the accumulator
 // of row row0 + 8r, column 8 dt + 2t + c (the mma/wgmma ownership); row_sum is this thread's part
 // of l. O may carry a factor 1 / out_factor and l (with O) a factor 2^log2_shift, undone here.
-// Rows are relative to the sequence s (sale/varlen.cuh).
+// Rows are relative to the sequence s (sale/varlen.cuh); packed: the batch is variable-length.
 template <typename T, int D, typename Acc>
-__device__ __forceinline__ void store_output_rows(const BlockSparseAttentionParams& p, const SeqSpan& s, int b, int h,
-                                                  int row0, int t, const float (&row_sum)[2],
+__device__ __forceinline__ void store_output_rows(const BlockSparseAttentionParams& p, bool packed, const SeqSpan& s,
+                                                  int b, int h, int row0, int t, const float (&row_sum)[2],
                                                   const float (&row_max)[2], float sl2, float out_factor,
                                                   float log2_shift, Acc&& o) {
   constexpr float kLn2 = 0.6931471805599453f;
   // out [B, Hq, Nq, D] batched, [total_q, Hq, D] packed; lse [B, Hq, Nq] / [Hq, total_q].
-  const bool packed = p.cu_seqlens_q != nullptr;
   const int64_t out_row_stride = packed ? int64_t(p.q_heads) * D : D;
-  T* out = static_cast<T*>(p.out) + (packed ? (int64_t(s.q0) * p.q_heads + h) * D : (int64_t(b) * p.q_heads + h) * p.nq * D);
+  T* out = static_cast<T*>(p.out) +
+           (packed ? (int64_t(s.q0) * p.q_heads + h) * D : (int64_t(b) * p.q_heads + h) * p.nq * D);
   float* lse = p.lse + rows_base(packed, b, h, p.q_heads, packed ? p.total_q : p.nq, s.q0);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -90,13 +90,17 @@ __device__ __forceinline__ bool mask_block_kept(const BlockSparseAttentionParams
 }
 
 // This CTA's sequence (sale/varlen.cuh): the batched shape, or its rows of the packed batch.
+// VARLEN = false: known to be batched at compile time (addresses stay functions of parameters).
+template <bool VARLEN>
 __device__ __forceinline__ SeqSpan seq_of(const BlockSparseAttentionParams& p, int b) {
-  return seq_span(p.cu_seqlens_q, p.cu_seqlens_k, b, p.nq, p.nk);
+  if constexpr (VARLEN) return seq_span(p.cu_seqlens_q, p.cu_seqlens_k, b, p.nq, p.nk);
+  return SeqSpan{0, 0, p.nq, p.nk};
 }
 
 // Key blocks of sequence s that query block m can see: all, or (causal) those starting before its
 // last row's end.
-__device__ __forceinline__ int visible_key_blocks(const BlockSparseAttentionParams& p, const SeqSpan& s, int m, int bk) {
+__device__ __forceinline__ int visible_key_blocks(const BlockSparseAttentionParams& p, const SeqSpan& s, int m,
+                                                  int bk) {
   const int n_blocks = (s.nk + bk - 1) / bk;
   return p.causal ? min(n_blocks, (min((m + 1) * kRows, s.nq) + s.nk - s.nq + bk - 1) / bk) : n_blocks;
 }
@@ -115,7 +119,7 @@ struct Smem {
   int warp_count[2][kWarps];  // double-buffered so one barrier per compaction round suffices
 };
 
-template <typename T, int D, int BK>
+template <typename T, int D, int BK, bool VARLEN>
 __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(const BlockSparseAttentionParams p) {
   constexpr int kPer = kKeys / BK;     // kept blocks per tile
   constexpr int kRowChunks = D / 8;    // 16-byte pieces per row
@@ -125,8 +129,8 @@ __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(con
 
   const int m = p.nQ - 1 - blockIdx.x;  // heaviest (causal: last) query blocks first
   const int h = blockIdx.y, b = blockIdx.z;
-  const SeqSpan sp = seq_of(p, b);
-  if (m * kRows >= sp.nq) return;  // past its sequence's end (varlen): no rows
+  const SeqSpan sp = seq_of<VARLEN>(p, b);
+  if (VARLEN && m * kRows >= sp.nq) return;  // past its sequence's end: no rows
   const int nq = sp.nq, nk = sp.nk;
   const int hk = h / (p.q_heads / p.kv_heads);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
@@ -301,13 +305,14 @@ __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(con
   }
 
   // Epilogue: out = acc / l (0 for a row that saw nothing), lse = ln sum exp(scale q.k).
-  store_output_rows<T, D>(p, sp, b, h, row0, t, row_sum, row_max, sl2, 1.f, 0.f,
+  store_output_rows<T, D>(p, VARLEN, sp, b, h, row0, t, row_sum, row_max, sl2, 1.f, 0.f,
                           [&](int i) { return acc[i / 4][i % 4]; });
 }
 
 template <typename T, int D, int BK>
 inline cudaError_t launch_block_sparse_attention_impl(const BlockSparseAttentionParams& p, cudaStream_t stream) {
-  auto kernel = block_sparse_attention_kernel<T, D, BK>;
+  auto kernel = p.cu_seqlens_q != nullptr ? block_sparse_attention_kernel<T, D, BK, true>
+                                          : block_sparse_attention_kernel<T, D, BK, false>;
   constexpr int smem = int(sizeof(Smem<T, D>));
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;

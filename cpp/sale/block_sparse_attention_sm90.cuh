@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
   const int pairs = (p.nQ + 1) / 2;
   const int m0 = 2 * (pairs - 1 - int(blockIdx.x));  // heaviest (causal: last) query blocks first
   const int h = blockIdx.y, b = blockIdx.z;
-  const SeqSpan sp = bsa::seq_of(p, b);
+  const SeqSpan sp = bsa::seq_of<true>(p, b);  // a null cu_seqlens gives the batched shape
   const int nq = sp.nq, nk = sp.nk, n_q_blocks = (nq + kRows - 1) / kRows;
   if (m0 >= n_q_blocks) return;  // both blocks past their sequence's end (varlen): no rows
   const int hk = h / (p.q_heads / p.kv_heads);
@@ -473,8 +473,8 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
   if (m >= n_q_blocks) return;  // the odd last query block has no partner
 
   // Epilogue: O and l both carry the 2^kPShift of P; O also V's 2^-e, undone here exactly.
-  bsa::store_output_rows<T, D>(p, sp, b, h, row0, t, row_sum, row_max, sl2, exp2f(float(v_exponent(v_amax_bits))),
-                               kPShift, [&](int i) { return tOrO(i); });
+  bsa::store_output_rows<T, D>(p, p.cu_seqlens_q != nullptr, sp, b, h, row0, t, row_sum, row_max, sl2,
+                               exp2f(float(v_exponent(v_amax_bits))), kPShift, [&](int i) { return tOrO(i); });
 }
 
 template <typename T, int D, int BK, bool SPLIT_P>

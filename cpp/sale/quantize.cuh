@@ -313,8 +313,9 @@ cudaError_t launch(const QuantizeParams& p, cudaStream_t stream) {
   const int64_t rows = mean_rows_per_chunk(p);
   const int64_t q_chunks = cdiv(p.Nq, rows), k_chunks = cdiv(p.Nk, rows);
   // Packed sequences start at any row: the row stride matters unless there is one row in all.
-  const bool q_vec = aligned16(p.q, p.B, p.Hq, p.cu_seqlens_q ? p.total_q : p.Nq, p.q_stride_b, p.q_stride_h, p.q_stride_n);
-  const bool k_vec = aligned16(p.k, p.B, p.Hkv, p.cu_seqlens_k ? p.total_k : p.Nk, p.k_stride_b, p.k_stride_h, p.k_stride_n);
+  const int64_t q_rows = p.cu_seqlens_q ? p.total_q : p.Nq, k_rows = p.cu_seqlens_k ? p.total_k : p.Nk;
+  const bool q_vec = aligned16(p.q, p.B, p.Hq, q_rows, p.q_stride_b, p.q_stride_h, p.q_stride_n);
+  const bool k_vec = aligned16(p.k, p.B, p.Hkv, k_rows, p.k_stride_b, p.k_stride_h, p.k_stride_n);
   const int64_t q_heads = p.B * p.Hq, k_heads = p.B * p.Hkv;
   if (q_heads + k_heads == 0) return cudaSuccess;
   // Each kernel comes in a 16-byte-load (VEC) and an element-wise variant for unaligned strides.

@@ -93,7 +93,8 @@ inline Batch check_batch(const char* op, const Tensor& q, const Tensor& k, const
   STD_TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, ": query heads must be a multiple of kv heads, got Hq=", Hq,
                   " ('q') and Hkv=", Hkv, " ('k')");
   STD_TORCH_CHECK(Hq <= 65535, op, ": query heads (", Hq, ") must be at most 65535");
-  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"cu_seqlens_q", &cu_q}, {"cu_seqlens_k", &cu_k}}) {
+  using Named = std::pair<const char*, const Tensor*>;
+  for (const auto& [name, t] : {Named{"cu_seqlens_q", &cu_q}, Named{"cu_seqlens_k", &cu_k}}) {
     check_cuda(op, *t, name, q);
     STD_TORCH_CHECK(t->scalar_type() == ScalarType::Int, op, ": argument '", name, "' must be torch.int32");
     STD_TORCH_CHECK(t->dim() == 1 && t->size(0) >= 2 && t->is_contiguous(), op, ": argument '", name,
@@ -103,8 +104,8 @@ inline Batch check_batch(const char* op, const Tensor& q, const Tensor& k, const
                   " offsets but 'cu_seqlens_k' has ", cu_k.size(0), "; both must hold B + 1");
   const int64_t B = cu_q.size(0) - 1;
   STD_TORCH_CHECK(B <= 65535, op, ": batch (", B, ") must be at most 65535");
-  STD_TORCH_CHECK(max_q >= 1 && max_k >= 1 && max_q <= kMaxRows && max_k <= kMaxRows, op, ": arguments 'max_seqlen_q' (",
-                  max_q, ") and 'max_seqlen_k' (", max_k, ") must be in [1, 2^30]");
+  STD_TORCH_CHECK(max_q >= 1 && max_k >= 1 && max_q <= kMaxRows && max_k <= kMaxRows, op,
+                  ": arguments 'max_seqlen_q' (", max_q, ") and 'max_seqlen_k' (", max_k, ") must be in [1, 2^30]");
   return {B, q.size(0), k.size(0), max_q, max_k, static_cast<const int*>(cu_q.const_data_ptr()),
           static_cast<const int*>(cu_k.const_data_ptr())};
 }
