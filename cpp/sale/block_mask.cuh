@@ -11,12 +11,13 @@
 //
 // The mask leaves as bits (nW = ceil(nK / 32) words per query block): 1/8 of a bool mask, and
 // what block_sparse_attention reads directly; expand_mask_kernel gives the bool view.
-// bq is fixed at 64.
+// bq is fixed at 64. Variable-length (packed) batches: see BlockMaskParams::cu_seqlens_q.
 #pragma once
 
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "sale/varlen.cuh"
 #include "sale/warp_mma.cuh"
 
 namespace sale {
@@ -39,15 +40,50 @@ struct BlockMaskParams {
   int nQ, nK, nW;
   float scale;
   bool use_wgmma;  // score candidates with wgmma (block_mask_sm90.cuh) instead of mma.sync
+  // Variable-length batch (both or neither; nullptr: batched): sequence b is rows [cu[b], cu[b + 1])
+  // of q and k (packed [total, H, D], batch strides 0) and of the per-row buffers, which are then
+  // [H, total(, D)] (k_mean stays [B, Hkv, D]); nq, nk, nQ, nK, nW are the longest sequence's, and
+  // mask rows of query blocks past a sequence's end are 0.
+  const int* cu_seqlens_q;
+  const int* cu_seqlens_k;
+  int64_t total_q, total_k;
+  int dense_below;  // a sequence with fewer keys keeps every causal block (no candidates scored)
 };
 
 constexpr int kBq = 64;
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 
+// The kernels come in a batched and a packed (VARLEN: cu_seqlens set) instantiation, so the
+// batched code keeps addresses that the compiler can rebuild from parameters (no extra registers).
+
+// This CTA's sequence (sale/varlen.cuh): the batched shape, or its rows of the packed batch.
+template <bool VARLEN>
+__device__ __forceinline__ SeqSpan seq_of(const BlockMaskParams& p, int b) {
+  if constexpr (VARLEN) return seq_span(p.cu_seqlens_q, p.cu_seqlens_k, b, p.nq, p.nk);
+  return SeqSpan{0, 0, p.nq, p.nk};
+}
+
+// First row of (b, query head h) in the query-side per-row buffers (codes, scales, thresholds).
+template <bool VARLEN>
+__device__ __forceinline__ int64_t q_rows_of(const BlockMaskParams& p, const SeqSpan& s, int b, int h) {
+  return rows_base(VARLEN, b, h, p.q_heads, VARLEN ? p.total_q : p.nq, s.q0);
+}
+
+// First row of (b, head h of `heads`) in the key-side per-row buffers: k codes and scales (kv heads),
+// qk_bias (query heads); key_rows_per_head() apart per head.
+template <bool VARLEN>
+__device__ __forceinline__ int64_t key_rows_per_head(const BlockMaskParams& p) {
+  return VARLEN ? p.total_k : p.nk;
+}
+template <bool VARLEN>
+__device__ __forceinline__ int64_t k_rows_of(const BlockMaskParams& p, const SeqSpan& s, int b, int h, int heads) {
+  return rows_base(VARLEN, b, h, heads, key_rows_per_head<VARLEN>(p), s.k0);
+}
+
 // Exclusive causal end of query block m's last row (SPEC §4, e_m).
-__device__ __forceinline__ int block_end(const BlockMaskParams& p, int m) {
-  return min((m + 1) * kBq, p.nq) + (p.nk - p.nq);
+__device__ __forceinline__ int block_end(const SeqSpan& s, int m) {
+  return min((m + 1) * kBq, s.nq) + (s.nk - s.nq);
 }
 
 // First key block of the local window; the dense set is {0} and [window_first, last causal].
@@ -61,20 +97,23 @@ __device__ __forceinline__ int window_first_block(const BlockMaskParams& p, int 
 
 // One CTA of 4 warps per (query block of 64 rows, query head, batch); warp w owns rows
 // 16w .. 16w + 15 of the block.
-template <typename T, int D>
+template <typename T, int D, bool VARLEN>
 __global__ void __launch_bounds__(kThreads) row_threshold_kernel(const BlockMaskParams p) {
   constexpr int kKeys = 32;       // keys per smem tile
   constexpr int kPad = 8;         // 16 bytes: rows land on distinct banks for the B loads
   __shared__ __align__(16) T ks[kKeys][D + kPad];
 
   const int m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const SeqSpan sp = seq_of<VARLEN>(p, b);
+  if (VARLEN && m * kBq >= sp.nq) return;  // past its sequence's end: no rows
+  const int nq = sp.nq, nk = sp.nk;
   const int hk = h / (p.q_heads / p.kv_heads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int row0 = m * kBq + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
   const int rows[2] = {row0, row0 + 8};
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + sp.q0 * p.q_row_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + sp.k0 * p.k_row_stride;
   const float* kmean = p.k_mean + (int64_t(b) * p.kv_heads + hk) * D;
 
   // A fragments of the warp's 16 query rows, and this thread's share of q_i . k_mean.
@@ -88,7 +127,7 @@ __global__ void __launch_bounds__(kThreads) row_threshold_kernel(const BlockMask
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         uint32_t v = 0;
-        if (rows[r] < p.nq) {
+        if (rows[r] < nq) {
           v = *reinterpret_cast<const uint32_t*>(q + rows[r] * p.q_row_stride + col);
           const T* e = reinterpret_cast<const T*>(&v);
           qk_mean[r] += to_float(e[0]) * kmean[col] + to_float(e[1]) * kmean[col + 1];
@@ -100,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) row_threshold_kernel(const BlockMask
   qk_mean[0] = quad_sum(qk_mean[0]);
   qk_mean[1] = quad_sum(qk_mean[1]);
 
-  const int e = block_end(p, m);
+  const int e = block_end(sp, m);
   const int lo = window_first_block(p, e) * p.bk;
   // Dense keys: [0, bk) when the window does not reach it, then [lo, e).
   const int ranges[2][2] = {{0, lo > 0 ? p.bk : 0}, {lo, e}};
@@ -113,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) row_threshold_kernel(const BlockMask
       // Stage 32 keys (zero past Nk) into shared memory.
       for (int c = threadIdx.x; c < kKeys * D / 8; c += kThreads) {
         const int key = c / (D / 8), col = (c % (D / 8)) * 8;
-        const bool in = k0 + key < p.nk;
+        const bool in = k0 + key < nk;
         cp_async_16(&ks[key][col], k + (in ? (k0 + key) * p.k_row_stride + col : 0), in ? 16 : 0);
       }
       cp_async_commit();
@@ -141,7 +180,7 @@ __global__ void __launch_bounds__(kThreads) row_threshold_kernel(const BlockMask
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const int j = k0 + nt * 8 + 2 * t + c;
-            const bool visible = rows[r] < p.nq && j < end && j <= rows[r] + (p.nk - p.nq);
+            const bool visible = rows[r] < nq && j < end && j <= rows[r] + (nk - nq);
             float& v = s[nt][2 * r + c];
             v = visible ? v - qk_mean[r] : -INFINITY;
             chunk_max = fmaxf(chunk_max, v);
@@ -165,8 +204,8 @@ __global__ void __launch_bounds__(kThreads) row_threshold_kernel(const BlockMask
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float l = quad_sum(row_sum[r]);
-    if (t == 0 && rows[r] < p.nq) {
-      p.row_threshold[(int64_t(b) * p.q_heads + h) * p.nq + rows[r]] = row_max[r] + logf(tau * l) / scale;
+    if (t == 0 && rows[r] < nq) {
+      p.row_threshold[q_rows_of<VARLEN>(p, sp, b, h) + rows[r]] = row_max[r] + logf(tau * l) / scale;
     }
   }
 }
@@ -178,11 +217,14 @@ __global__ void __launch_bounds__(kThreads) row_threshold_kernel(const BlockMask
 // What a candidate-scoring CTA works on: query block m (heaviest first) of `heads` consecutive
 // query heads h0.. that share kv head hk, and the block's dense set {0} + [first_window,
 // last_causal]; candidates are blocks 1 .. first_window - 1.
+// In a variable-length batch a query block past its sequence's end is `empty`: its mask rows are 0.
 struct CandidateCta {
   int m, b, hk, h0, first_window, last_causal;
+  SeqSpan s;
+  bool empty;
 };
 
-template <int HEADS>
+template <int HEADS, bool VARLEN>
 __device__ __forceinline__ CandidateCta candidate_cta(const BlockMaskParams& p) {
   CandidateCta c;
   c.m = p.nQ - 1 - blockIdx.x;
@@ -190,9 +232,17 @@ __device__ __forceinline__ CandidateCta candidate_cta(const BlockMaskParams& p) 
   const int group = p.q_heads / p.kv_heads;
   c.hk = blockIdx.y / (group / HEADS);
   c.h0 = c.hk * group + (blockIdx.y % (group / HEADS)) * HEADS;
-  const int e = block_end(p, c.m);
+  c.s = seq_of<VARLEN>(p, c.b);
+  c.empty = VARLEN && c.m * kBq >= c.s.nq;
+  const int e = block_end(c.s, c.m);
   c.first_window = window_first_block(p, e);
   c.last_causal = (e - 1) / p.bk;
+  if constexpr (VARLEN) {
+    // A sequence shorter than dense_below keeps every causal block: all dense, no candidates.
+    // An empty block keeps nothing (init_mask_rows writes zeros) and has no candidates either.
+    if (c.s.nk < p.dense_below || c.empty) c.first_window = 0;
+    if (c.empty) c.last_causal = -1;
+  }
   return c;
 }
 
@@ -209,7 +259,7 @@ __device__ __forceinline__ void init_mask_rows(const BlockMaskParams& p, const C
     // Bits of [first_window, last_causal] inside this word, plus the sink.
     const int lo = max(c.first_window, n0), hi = min(c.last_causal, n0 + 31);
     uint32_t bits = hi >= lo ? ((hi - lo == 31 ? 0xffffffffu : (1u << (hi - lo + 1)) - 1u) << (lo - n0)) : 0u;
-    if (w == 0) bits |= 1u;
+    if (w == 0 && !c.empty) bits |= 1u;
     mask_words(p, c, c.h0 + i / p.nW)[w] = bits;
   }
 }
@@ -281,7 +331,7 @@ struct KeptBits {
 // mma.sync scorer. One CTA scores query block m of HEADS query heads that share a kv head
 // (GQA), so every K tile staged in shared memory feeds HEADS * 64 rows; each warp owns 32 rows
 // (two m16 tiles) of one head. A step scores one candidate block.
-template <int D, int BK, int HEADS>
+template <int D, int BK, int HEADS, bool VARLEN>
 __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const BlockMaskParams p) {
   constexpr int kThreadsC = 64 * HEADS;
   constexpr int kTiles = BK / 8;           // n8 tiles per step
@@ -293,12 +343,12 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
   __shared__ __align__(16) int8_t ks[kStages][BK][D + kPad];
   __shared__ __align__(16) float sbias[kStages][HEADS][BK];  // qk_bias of the step's keys
 
-  const CandidateCta cta = candidate_cta<HEADS>(p);
+  const CandidateCta cta = candidate_cta<HEADS, VARLEN>(p);
   const int m = cta.m, b = cta.b, hk = cta.hk, h0 = cta.h0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int h = h0 + warp / 2;
-  const int64_t bh = int64_t(b) * p.q_heads + h;
-  const int64_t bhk = int64_t(b) * p.kv_heads + hk;
+  const int64_t q_rows = q_rows_of<VARLEN>(p, cta.s, b, h);
+  const int64_t k_rows = k_rows_of<VARLEN>(p, cta.s, b, hk, p.kv_heads);
   init_mask_rows<HEADS>(p, cta);
   uint32_t* words = mask_words(p, cta, h);
   // Candidates are blocks 1 .. first_window - 1: wholly before e - W, so every existing row of
@@ -306,7 +356,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
   const int n_end = cta.first_window;
   if (n_end <= 1) return;
 
-  const int8_t* kc = p.k_codes + bhk * p.nk * D;
+  const int8_t* kc = p.k_codes + k_rows * D;
   auto load_step = [&](int key0, int buf) {
 #pragma unroll
     for (int c = threadIdx.x; c < kCopies; c += kThreadsC) {
@@ -315,8 +365,10 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
     }
     // Bias rows start anywhere (Nk may be odd): 4-byte copies.
     for (int c = threadIdx.x; c < HEADS * BK; c += kThreadsC) {
-      cp_async_4(&sbias[buf][c / BK][c % BK],
-                 p.qk_bias + (int64_t(b) * p.q_heads + h0 + c / BK) * p.nk + key0 + c % BK, 4);
+      // k_rows_of(.., h0 + c / BK, ..) + key, associated as the batched code always was (ptxas then
+      // keeps its spill count; other groupings of the same sum spill more)
+      const int64_t row = ((VARLEN ? 0 : int64_t(b) * p.q_heads) + h0 + c / BK) * key_rows_per_head<VARLEN>(p);
+      cp_async_4(&sbias[buf][c / BK][c % BK], p.qk_bias + (row + cta.s.k0 + key0 + c % BK), 4);
     }
     cp_async_commit();
   };
@@ -326,7 +378,8 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
   // A fragments (int8 query codes) of the warp's two m16 tiles.
   int rows[2][2];
   uint32_t a[2][D / 32][4];
-  const int8_t* qc = p.q_codes + bh * p.nq * D;
+  const int8_t* qc = p.q_codes + q_rows * D;
+  const int nq = cta.s.nq;
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
     rows[mt][0] = m * kBq + (warp % 2) * 32 + mt * 16 + g;
@@ -337,7 +390,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
       for (int half = 0; half < 2; ++half)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-          a[mt][kk][half * 2 + r] = rows[mt][r] < p.nq
+          a[mt][kk][half * 2 + r] = rows[mt][r] < nq
               ? *reinterpret_cast<const uint32_t*>(qc + int64_t(rows[mt][r]) * D + kk * 32 + half * 16 + 4 * t)
               : 0u;
   }
@@ -345,12 +398,12 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
   float sq[2], thr[2][2];
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
-    sq[mt] = rows[mt][0] < p.nq ? p.q_scale[bh * p.nq + rows[mt][0]] : 1.f;
+    sq[mt] = rows[mt][0] < nq ? p.q_scale[q_rows + rows[mt][0]] : 1.f;
 #pragma unroll
     for (int r = 0; r < 2; ++r)
-      thr[mt][r] = rows[mt][r] < p.nq ? p.row_threshold[bh * p.nq + rows[mt][r]] : INFINITY;
+      thr[mt][r] = rows[mt][r] < nq ? p.row_threshold[q_rows + rows[mt][r]] : INFINITY;
   }
-  const float* kscale = p.k_scale + bhk * p.nk + 2 * t;
+  const float* kscale = p.k_scale + k_rows + 2 * t;
   KeptBits kept;
 
   for (int n = 1, step = 0; n < n_end; ++n, ++step) {
@@ -421,7 +474,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
   }
 }
 
-template <int D, int BK, int HEADS>
+template <int D, int BK, int HEADS, bool VARLEN>
 __global__ void candidate_kernel_ws(const BlockMaskParams p);  // block_mask_sm90.cuh
 template <int D, int BK, int HEADS>
 cudaError_t launch_candidate_ws(const BlockMaskParams& p, cudaStream_t stream);  // block_mask_sm90.cuh
@@ -446,7 +499,9 @@ inline cudaError_t launch_expand_mask(const uint32_t* bits, bool* mask, int64_t 
 
 template <typename T, int D, int BK>
 inline cudaError_t launch_block_mask_impl(const BlockMaskParams& p, cudaStream_t stream) {
-  row_threshold_kernel<T, D><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  if (varlen) row_threshold_kernel<T, D, true><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
+  else row_threshold_kernel<T, D, false><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   // As many query heads of a kv group per CTA as divide the group, up to 4.
@@ -458,9 +513,14 @@ inline cudaError_t launch_block_mask_impl(const BlockMaskParams& p, cudaStream_t
     return launch_candidate_ws<D, BK, 1>(p, stream);
   }
   const dim3 grid(p.nQ, p.q_heads / heads, p.batch);
-  if (heads == 4) candidate_kernel<D, BK, 4><<<grid, 256, 0, stream>>>(p);
-  else if (heads == 2) candidate_kernel<D, BK, 2><<<grid, 128, 0, stream>>>(p);
-  else candidate_kernel<D, BK, 1><<<grid, 64, 0, stream>>>(p);
+  auto launch = [&](auto varlen_tag) {
+    constexpr bool kVarlen = decltype(varlen_tag)::value;
+    if (heads == 4) candidate_kernel<D, BK, 4, kVarlen><<<grid, 256, 0, stream>>>(p);
+    else if (heads == 2) candidate_kernel<D, BK, 2, kVarlen><<<grid, 128, 0, stream>>>(p);
+    else candidate_kernel<D, BK, 1, kVarlen><<<grid, 64, 0, stream>>>(p);
+  };
+  if (varlen) launch(std::true_type{});
+  else launch(std::false_type{});
   return cudaGetLastError();
 }
 

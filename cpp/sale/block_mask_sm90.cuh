@@ -56,7 +56,7 @@ struct Smem {
 
 }  // namespace ws
 
-template <int D, int BK, int HEADS>
+template <int D, int BK, int HEADS, bool VARLEN>
 __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candidate_kernel_ws(const BlockMaskParams p) {
   using namespace cute;
   using ws::kStages;
@@ -71,9 +71,9 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
   // Swizzled tiles need 1024-byte alignment; the launch asks for 1 KiB of slack.
   auto& sm = aligned_smem_1024<ws::Smem<D, HEADS>>(smem_raw);
 
-  const CandidateCta cta = candidate_cta<HEADS>(p);
+  const CandidateCta cta = candidate_cta<HEADS, VARLEN>(p);
   const int m = cta.m, b = cta.b, hk = cta.hk, h0 = cta.h0;
-  const int64_t bhk = int64_t(b) * p.kv_heads + hk;
+  const int64_t k_rows = k_rows_of<VARLEN>(p, cta.s, b, hk, p.kv_heads);
   init_mask_rows<HEADS>(p, cta);
   const int n_end = cta.first_window;  // candidates: blocks 1 .. n_end - 1, all keys exist
   if (n_end <= 1) return;
@@ -91,9 +91,10 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
     const int hh = c / (kBq * D / 16), rest = c % (kBq * D / 16);
     const int row = rest / (D / 16), col = (rest % (D / 16)) * 16;
     const int qrow = m * kBq + row;
+    const bool in = qrow < cta.s.nq;
     Tensor sQ = make_tensor(make_smem_ptr(sm.q[hh]), QLayout{});
-    const int8_t* src = p.q_codes + ((int64_t(b) * p.q_heads + h0 + hh) * p.nq + (qrow < p.nq ? qrow : 0)) * D + col;
-    cp_async_16(raw_pointer_cast(&sQ(row, col)), src, qrow < p.nq ? 16 : 0);
+    const int8_t* src = p.q_codes + (q_rows_of<VARLEN>(p, cta.s, b, h0 + hh) + (in ? qrow : 0)) * D + col;
+    cp_async_16(raw_pointer_cast(&sQ(row, col)), src, in ? 16 : 0);
   }
   cp_async_commit();
   cp_async_wait<0>();
@@ -107,7 +108,8 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
     constexpr int kPer = kChunks / ws::kProducerThreads;
     static_assert(kChunks % ws::kProducerThreads == 0, "whole chunks per thread");
     const int ptid = threadIdx.x - kConsumers;
-    const int8_t* kc = p.k_codes + bhk * p.nk * D;
+    const int nk = cta.s.nk;
+    const int8_t* kc = p.k_codes + k_rows * D;
     for (int s = 0; s < steps; ++s) {
       const int stage = s % kStages;
       if (s >= kStages) Barrier::wait(&sm.empty[stage], ((s / kStages) & 1) ^ 1);
@@ -118,18 +120,19 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
 #pragma unroll
       for (int i = 0; i < kPer; ++i) {
         const int c = ptid + ws::kProducerThreads * i, key = c / (D / 16);
-        const bool in = key0 + key < p.nk;  // only the last stage can run past Nk
+        const bool in = key0 + key < nk;  // only the last stage can run past Nk
         cp_async_16(raw_pointer_cast(&sK(key, (c % (D / 16)) * 16)), src + (in ? 16 * c : 0), in ? 16 : 0);
       }
       for (int c = ptid; c < HEADS * kStep; c += ws::kProducerThreads) {
         const int hh = c / kStep, key = c % kStep;
-        const bool in = key0 + key < p.nk;
-        cp_async_4(&sm.bias[stage][hh][key],
-                   p.qk_bias + (int64_t(b) * p.q_heads + h0 + hh) * p.nk + (in ? key0 + key : 0), in ? 4 : 0);
+        const bool in = key0 + key < nk;
+        const float* bias = p.qk_bias + k_rows_of<VARLEN>(p, cta.s, b, h0 + hh, p.q_heads);
+        cp_async_4(&sm.bias[stage][hh][key], bias + (in ? key0 + key : 0), in ? 4 : 0);
       }
       if (ptid < kStep) {
-        const bool in = key0 + ptid < p.nk;
-        cp_async_4(&sm.kscale[stage][ptid], p.k_scale + bhk * p.nk + (in ? key0 + ptid : 0), in ? 4 : 0);
+        const bool in = key0 + ptid < nk;
+        const float* kscale = p.k_scale + k_rows_of<VARLEN>(p, cta.s, b, hk, p.kv_heads);
+        cp_async_4(&sm.kscale[stage][ptid], kscale + (in ? key0 + ptid : 0), in ? 4 : 0);
       }
       cutlass::arch::cpasync_barrier_arrive_noinc(&sm.full[stage]);
     }
@@ -143,7 +146,7 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int h = h0 + wg;
-  const int64_t bh = int64_t(b) * p.q_heads + h;
+  const int64_t q_rows = q_rows_of<VARLEN>(p, cta.s, b, h);
   uint32_t* words = mask_words(p, cta, h);
 
   auto tiled_mma = make_tiled_mma(SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN_SATURATE{});
@@ -155,10 +158,10 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
 
   // Rows g and g + 8 of the warp share one query scale (SPEC §2); a missing row never passes.
   const int row0 = m * kBq + warp * 16 + g;
-  const float sq = row0 < p.nq ? p.q_scale[bh * p.nq + row0] : 1.f;
+  const float sq = row0 < cta.s.nq ? p.q_scale[q_rows + row0] : 1.f;
   float thr[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) thr[r] = row0 + 8 * r < p.nq ? p.row_threshold[bh * p.nq + row0 + 8 * r] : INFINITY;
+  for (int r = 0; r < 2; ++r) thr[r] = row0 + 8 * r < cta.s.nq ? p.row_threshold[q_rows + row0 + 8 * r] : INFINITY;
   KeptBits kept;
 
   for (int s = 0; s < steps; ++s) {
@@ -232,7 +235,8 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
 template <int D, int BK, int HEADS>
 cudaError_t launch_candidate_ws(const BlockMaskParams& p, cudaStream_t stream) {
   const int bytes = int(sizeof(ws::Smem<D, HEADS>)) + 1024;
-  auto kernel = candidate_kernel_ws<D, BK, HEADS>;
+  auto kernel =
+      p.cu_seqlens_q != nullptr ? candidate_kernel_ws<D, BK, HEADS, true> : candidate_kernel_ws<D, BK, HEADS, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.nQ, p.q_heads / HEADS, p.batch);

@@ -6,12 +6,14 @@
 // the summation order and hence the result is deterministic) and walks the list in tiles of 64
 // keys: with bk = 32 a tile gathers two kept blocks wherever they lie, so every mma step works on
 // a full 64-key tile. K and V tiles are cp.async double-buffered; the softmax is online, in
-// fp32, with base-2 exponents and the scale folded in.
+// fp32, with base-2 exponents and the scale folded in. Variable-length (packed) batches: see
+// BlockSparseAttentionParams::cu_seqlens_q.
 #pragma once
 
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "sale/varlen.cuh"
 #include "sale/warp_mma.cuh"
 
 namespace sale {
@@ -34,6 +36,13 @@ struct BlockSparseAttentionParams {
   int batch, q_heads, kv_heads, nq, nk, nQ, nK;
   float scale;
   bool causal;  // bottom-right: row i sees keys j <= i + Nk - Nq
+  // Variable-length batch (both or neither; nullptr: batched): sequence b is rows [cu[b], cu[b + 1])
+  // of the packed q [total_q, Hq, D] and k, v [total_k, Hkv, D] (batch strides 0, causal alignment
+  // per sequence); out is then [total_q, Hq, D] and lse [Hq, total_q]; nq, nk, nQ, nK are the
+  // longest sequence's and the mask is [B, Hq, nQ, nK or words] as in the batched case.
+  const int* cu_seqlens_q;
+  const int* cu_seqlens_k;
+  int64_t total_q;
 };
 
 namespace bsa {
@@ -42,22 +51,27 @@ namespace bsa {
 // that saw nothing) and lse = ln sum exp(scale q.k). o(i), i = 4 dt + 2 r + c, is the accumulator
 // of row row0 + 8r, column 8 dt + 2t + c (the mma/wgmma ownership); row_sum is this thread's part
 // of l. O may carry a factor 1 / out_factor and l (with O) a factor 2^log2_shift, undone here.
+// Rows are relative to the sequence s (sale/varlen.cuh); packed: the batch is variable-length.
 template <typename T, int D, typename Acc>
-__device__ __forceinline__ void store_output_rows(const BlockSparseAttentionParams& p, int b, int h, int row0, int t,
-                                                  const float (&row_sum)[2], const float (&row_max)[2], float sl2,
-                                                  float out_factor, float log2_shift, Acc&& o) {
+__device__ __forceinline__ void store_output_rows(const BlockSparseAttentionParams& p, bool packed, const SeqSpan& s,
+                                                  int b, int h, int row0, int t, const float (&row_sum)[2],
+                                                  const float (&row_max)[2], float sl2, float out_factor,
+                                                  float log2_shift, Acc&& o) {
   constexpr float kLn2 = 0.6931471805599453f;
-  T* out = static_cast<T*>(p.out) + (int64_t(b) * p.q_heads + h) * p.nq * D;
-  float* lse = p.lse + (int64_t(b) * p.q_heads + h) * p.nq;
+  // out [B, Hq, Nq, D] batched, [total_q, Hq, D] packed; lse [B, Hq, Nq] / [Hq, total_q].
+  const int64_t out_row_stride = packed ? int64_t(p.q_heads) * D : D;
+  T* out = static_cast<T*>(p.out) +
+           (packed ? (int64_t(s.q0) * p.q_heads + h) * D : (int64_t(b) * p.q_heads + h) * p.nq * D);
+  float* lse = p.lse + rows_base(packed, b, h, p.q_heads, packed ? p.total_q : p.nq, s.q0);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + 8 * r;
     const float l = quad_sum(row_sum[r]);
     const float inv = l > 0.f ? out_factor / l : 0.f;
-    if (row < p.nq) {
+    if (row < s.nq) {
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt)
-        *reinterpret_cast<uint32_t*>(out + int64_t(row) * D + dt * 8 + 2 * t) =
+        *reinterpret_cast<uint32_t*>(out + int64_t(row) * out_row_stride + dt * 8 + 2 * t) =
             pack2<T>(o(dt * 4 + 2 * r) * inv, o(dt * 4 + 2 * r + 1) * inv);
       if (t == 0) lse[row] = l > 0.f ? fmaf(row_max[r] * sl2 - log2_shift, kLn2, logf(l)) : -INFINITY;
     }
@@ -75,9 +89,20 @@ __device__ __forceinline__ bool mask_block_kept(const BlockSparseAttentionParams
   return static_cast<const uint8_t*>(p.mask)[row + n * p.mask_col_stride] != 0;
 }
 
-// Key blocks query block m can see: all, or (causal) those starting before its last row's end.
-__device__ __forceinline__ int visible_key_blocks(const BlockSparseAttentionParams& p, int m, int bk) {
-  return p.causal ? min(p.nK, (min((m + 1) * kRows, p.nq) + p.nk - p.nq + bk - 1) / bk) : p.nK;
+// This CTA's sequence (sale/varlen.cuh): the batched shape, or its rows of the packed batch.
+// VARLEN = false: known to be batched at compile time (addresses stay functions of parameters).
+template <bool VARLEN>
+__device__ __forceinline__ SeqSpan seq_of(const BlockSparseAttentionParams& p, int b) {
+  if constexpr (VARLEN) return seq_span(p.cu_seqlens_q, p.cu_seqlens_k, b, p.nq, p.nk);
+  return SeqSpan{0, 0, p.nq, p.nk};
+}
+
+// Key blocks of sequence s that query block m can see: all, or (causal) those starting before its
+// last row's end.
+__device__ __forceinline__ int visible_key_blocks(const BlockSparseAttentionParams& p, const SeqSpan& s, int m,
+                                                  int bk) {
+  const int n_blocks = (s.nk + bk - 1) / bk;
+  return p.causal ? min(n_blocks, (min((m + 1) * kRows, s.nq) + s.nk - s.nq + bk - 1) / bk) : n_blocks;
 }
 
 constexpr int kWarps = 4;
@@ -94,7 +119,7 @@ struct Smem {
   int warp_count[2][kWarps];  // double-buffered so one barrier per compaction round suffices
 };
 
-template <typename T, int D, int BK>
+template <typename T, int D, int BK, bool VARLEN>
 __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(const BlockSparseAttentionParams p) {
   constexpr int kPer = kKeys / BK;     // kept blocks per tile
   constexpr int kRowChunks = D / 8;    // 16-byte pieces per row
@@ -104,14 +129,17 @@ __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(con
 
   const int m = p.nQ - 1 - blockIdx.x;  // heaviest (causal: last) query blocks first
   const int h = blockIdx.y, b = blockIdx.z;
+  const SeqSpan sp = seq_of<VARLEN>(p, b);
+  if (VARLEN && m * kRows >= sp.nq) return;  // past its sequence's end: no rows
+  const int nq = sp.nq, nk = sp.nk;
   const int hk = h / (p.q_heads / p.kv_heads);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int row0 = m * kRows + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
-  const int shift = p.nk - p.nq;               // causal: row i sees keys j <= i + shift
+  const int shift = nk - nq;                   // causal: row i sees keys j <= i + shift
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + sp.q0 * p.q_row_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + sp.k0 * p.k_row_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + sp.k0 * p.v_row_stride;
   const int64_t mask_row = b * p.mask_batch_stride + h * p.mask_head_stride + m * p.mask_row_stride;
 
   // A fragments of the warp's 16 query rows (rows past Nq are zero: finite, never stored).
@@ -124,7 +152,7 @@ __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(con
       for (int r = 0; r < 2; ++r) {
         const int row = row0 + 8 * r;
         qa[kk][half * 2 + r] =
-            row < p.nq ? *reinterpret_cast<const uint32_t*>(q + row * p.q_row_stride + kk * 16 + half * 8 + 2 * t) : 0u;
+            row < nq ? *reinterpret_cast<const uint32_t*>(q + row * p.q_row_stride + kk * 16 + half * 8 + 2 * t) : 0u;
       }
 
   float acc[D / 8][4];
@@ -134,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(con
   const float sl2 = p.scale * kLog2e;
 
   // Causal: blocks starting at or past the last row's end are invisible to the whole query block.
-  const int n_end = visible_key_blocks(p, m, BK);
+  const int n_end = visible_key_blocks(p, sp, m, BK);
   const int first_row_end = m * kRows + shift;  // last key the block's first row sees
 
   for (int c0 = 0; c0 < n_end; c0 += kChunk) {
@@ -167,8 +195,8 @@ __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(con
       for (int c = tid; c < kKeys * kRowChunks; c += kThreads) {
         const int slot = c / kRowChunks, col = (c % kRowChunks) * 8;
         const int e = tile * kPer + slot / BK;
-        const int key = e < count ? sm.list[e] * BK + slot % BK : p.nk;
-        const bool in = key < p.nk;
+        const int key = e < count ? sm.list[e] * BK + slot % BK : nk;
+        const bool in = key < nk;
         cp_async_16(&sm.k[buf][slot][col], k + (in ? key * p.k_row_stride + col : 0), in ? 16 : 0);
         cp_async_16(&sm.v[buf][slot][col], v + (in ? key * p.v_row_stride + col : 0), in ? 16 : 0);
       }
@@ -207,8 +235,8 @@ __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(con
 #pragma unroll
       for (int i = 0; i < kPer; ++i) {
         const int e = it * kPer + i;
-        key0[i] = e < count ? sm.list[e] * BK : p.nk;
-        need_mask |= key0[i] + BK > p.nk || (p.causal && key0[i] + BK - 1 > first_row_end);
+        key0[i] = e < count ? sm.list[e] * BK : nk;
+        need_mask |= key0[i] + BK > nk || (p.causal && key0[i] + BK - 1 > first_row_end);
       }
       if (need_mask) {
 #pragma unroll
@@ -218,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(con
             const int j = key0[nt * 8 / BK] + (nt * 8) % BK + 2 * t + c;
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-              const bool visible = j < p.nk && (!p.causal || j <= row0 + 8 * r + shift);
+              const bool visible = j < nk && (!p.causal || j <= row0 + 8 * r + shift);
               if (!visible) s[nt][2 * r + c] = -INFINITY;
             }
           }
@@ -277,13 +305,14 @@ __global__ void __launch_bounds__(kThreads, 2) block_sparse_attention_kernel(con
   }
 
   // Epilogue: out = acc / l (0 for a row that saw nothing), lse = ln sum exp(scale q.k).
-  store_output_rows<T, D>(p, b, h, row0, t, row_sum, row_max, sl2, 1.f, 0.f,
+  store_output_rows<T, D>(p, VARLEN, sp, b, h, row0, t, row_sum, row_max, sl2, 1.f, 0.f,
                           [&](int i) { return acc[i / 4][i % 4]; });
 }
 
 template <typename T, int D, int BK>
 inline cudaError_t launch_block_sparse_attention_impl(const BlockSparseAttentionParams& p, cudaStream_t stream) {
-  auto kernel = block_sparse_attention_kernel<T, D, BK>;
+  auto kernel = p.cu_seqlens_q != nullptr ? block_sparse_attention_kernel<T, D, BK, true>
+                                          : block_sparse_attention_kernel<T, D, BK, false>;
   constexpr int smem = int(sizeof(Smem<T, D>));
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;

@@ -172,9 +172,12 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
   const int pairs = (p.nQ + 1) / 2;
   const int m0 = 2 * (pairs - 1 - int(blockIdx.x));  // heaviest (causal: last) query blocks first
   const int h = blockIdx.y, b = blockIdx.z;
+  const SeqSpan sp = bsa::seq_of<true>(p, b);  // a null cu_seqlens gives the batched shape
+  const int nq = sp.nq, nk = sp.nk, n_q_blocks = (nq + kRows - 1) / kRows;
+  if (m0 >= n_q_blocks) return;  // both blocks past their sequence's end (varlen): no rows
   const int hk = h / (p.q_heads / p.kv_heads);
-  const int shift = p.nk - p.nq;  // causal: row i sees keys j <= i + shift
-  auto blocks_of = [&](int m) { return m < p.nQ ? bsa::visible_key_blocks(p, m, BK) : 0; };
+  const int shift = nk - nq;  // causal: row i sees keys j <= i + shift
+  auto blocks_of = [&](int m) { return m < n_q_blocks ? bsa::visible_key_blocks(p, sp, m, BK) : 0; };
   const int n_end = max(blocks_of(m0), blocks_of(m0 + 1));
 
   if (threadIdx.x == 0) {
@@ -195,8 +198,9 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     const int ptid = threadIdx.x - kConsumerThreads, lane = ptid % 32, warp = ptid / 32;
     const int own_end0 = blocks_of(m0), own_end1 = blocks_of(m0 + 1);
-    const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-    const __half* v = static_cast<const __half*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+    const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + sp.k0 * p.k_row_stride;
+    const __half* v =
+        static_cast<const __half*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + sp.k0 * p.v_row_stride;
     auto kept = [&](int w, int n) -> bool {
       if (n >= (w == 0 ? own_end0 : own_end1)) return false;
       return bsa::mask_block_kept(p, b * p.mask_batch_stride + h * p.mask_head_stride + (m0 + w) * p.mask_row_stride, n);
@@ -265,12 +269,12 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
       // Missing blocks and keys past Nk are zero-filled (P = 0 there; no NaN from stale memory).
       int key0[kPer];
 #pragma unroll
-      for (int blk = 0; blk < kPer; ++blk) key0[blk] = e0 + blk < count ? list[e0 + blk] * BK : p.nk;
+      for (int blk = 0; blk < kPer; ++blk) key0[blk] = e0 + blk < count ? list[e0 + blk] * BK : nk;
 #pragma unroll
       for (int i = 0; i < kCopies; ++i) {
         const int slot = slot0 + kSlotStep * i, blk = kSlotStep * i / BK;  // blk: compile-time
         const int key = key0[blk] + slot % BK;
-        const bool in = key < p.nk;
+        const bool in = key < nk;
         cp_async_16(k_dst + stage * (kKeys * D) + i * k_step, k + (in ? key * p.k_row_stride + col : 0), in ? 16 : 0);
         cp_async_16(v_dst + stage * (kKeys * D) + i * v_step, v + (in ? key * p.v_row_stride + col : 0), in ? 16 : 0);
       }
@@ -324,12 +328,12 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
   Tensor tSrQ = make_tensor<CT>(partition_shape_A(mma_qk, Shape<Int<kRows>, Int<D>>{}));
   static_assert(decltype(size(tSrQ))::value == D / 2, "64 x D over 128 threads");
   {
-    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + sp.q0 * p.q_row_stride;
     uint32_t* qr = reinterpret_cast<uint32_t*>(raw_pointer_cast(tSrQ.data()));
 #pragma unroll
     for (int i = 0; i < D / 4; ++i) {  // i = r + 2 half + 4 kb
       const int row = row0 + 8 * (i % 2), col = 16 * (i / 4) + 8 * ((i / 2) % 2) + 2 * t;
-      qr[i] = m < p.nQ && row < p.nq ? *reinterpret_cast<const uint32_t*>(q + row * p.q_row_stride + col) : 0u;
+      qr[i] = m < n_q_blocks && row < nq ? *reinterpret_cast<const uint32_t*>(q + row * p.q_row_stride + col) : 0u;
     }
   }
   // S (c, r, n8 tile) flat, and P in the same order as the A operand of P.V.
@@ -383,11 +387,11 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
 #pragma unroll
     for (int blk = 0; blk < kPer; ++blk) {
       const int key0 = sm.key0[stage][blk];
-      if (key0 + BK > p.nk || (p.causal && key0 + BK - 1 > first_row_end)) {
+      if (key0 + BK > nk || (p.causal && key0 + BK - 1 > first_row_end)) {
 #pragma unroll
         for (int e = 0; e < BK / 2; ++e) {
           const int j = key0 + (e / 4) * 8 + 2 * t + e % 2, r = (e / 2) % 2;
-          if (j >= p.nk || (p.causal && j > row0 + 8 * r + shift)) tSrS(blk * BK / 2 + e) = -INFINITY;
+          if (j >= nk || (p.causal && j > row0 + 8 * r + shift)) tSrS(blk * BK / 2 + e) = -INFINITY;
         }
       }
     }
@@ -466,11 +470,11 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
     rescale_and_convert(alpha);
     cur = nxt;
   }
-  if (m >= p.nQ) return;  // the odd last query block has no partner
+  if (m >= n_q_blocks) return;  // the odd last query block has no partner
 
   // Epilogue: O and l both carry the 2^kPShift of P; O also V's 2^-e, undone here exactly.
-  bsa::store_output_rows<T, D>(p, b, h, row0, t, row_sum, row_max, sl2, exp2f(float(v_exponent(v_amax_bits))),
-                               kPShift, [&](int i) { return tOrO(i); });
+  bsa::store_output_rows<T, D>(p, p.cu_seqlens_q != nullptr, sp, b, h, row0, t, row_sum, row_max, sl2,
+                               exp2f(float(v_exponent(v_amax_bits))), kPShift, [&](int i) { return tOrO(i); });
 }
 
 template <typename T, int D, int BK, bool SPLIT_P>

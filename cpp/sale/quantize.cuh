@@ -8,7 +8,11 @@
 //   3. quantize (q, then k): each warp loads a tile of rows (8 x 16-byte chunks per lane), reduces
 //      the group amax with shuffles, writes codes and scales; key tiles also write
 //      qk_bias = q̄_h · k̃_j for the g query heads of their kv head.
-// The chunking depends on the shapes only, so a given input gives bit-identical output.
+// The chunking depends on the shapes only, so a given input gives bit-identical output; the mean
+// accumulates in double throughout, so it does not depend on the chunking either (to double
+// rounding): a sequence gets the same mean alone and inside a (variable-length) batch.
+//
+// Variable-length batches: see QuantizeParams::cu_seqlens_q and sale/varlen.cuh.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -40,6 +44,13 @@ struct QuantizeParams {
   // Scratch, sizes from quantize_workspace().
   double* partial = nullptr;
   float* q_mean = nullptr;
+  // Variable-length batch (both or neither): sequence b is rows [cu[b], cu[b + 1]) of q and k
+  // (packed [total, H, D]: batch strides 0) and of the per-row outputs, which are then laid out
+  // [H, total, ...] (codes [H, total, D], scales [H, total], qk_bias [Hq, total_k]); k_mean stays
+  // [B, Hkv, D] and Nq / Nk are the longest sequence's (they size the grids and the scratch).
+  const int* cu_seqlens_q = nullptr;
+  const int* cu_seqlens_k = nullptr;
+  int64_t total_q = 0, total_k = 0;
 };
 
 namespace quantize_detail {
@@ -101,16 +112,27 @@ __device__ __forceinline__ uint4 load8(const uint16_t* p) {
 }
 
 struct Side {  // one of q / k, for one (batch, head)
-  const uint16_t* x;
+  const uint16_t* x;  // the sequence's row 0
   int64_t n, stride_n;
+  int64_t start;  // its first row in the packed layout (0 batched)
+  int64_t out0;   // its row 0 in the per-row outputs
 };
 
 __device__ __forceinline__ Side side(const QuantizeParams& p, bool is_k, int64_t bh) {
-  const int64_t H = is_k ? p.Hkv : p.Hq;
+  const int64_t H = is_k ? p.Hkv : p.Hq, max_n = is_k ? p.Nk : p.Nq;
   const int64_t b = bh / H, h = bh % H;
+  const int* cu = is_k ? p.cu_seqlens_k : p.cu_seqlens_q;
+  int64_t start = 0, n = max_n, out0 = bh * max_n;
+  if (cu != nullptr) {  // lengths clamped to the grid's (sale/varlen.cuh)
+    start = cu[b];
+    n = min(max(int64_t(cu[b + 1]) - start, int64_t(0)), max_n);
+    out0 = h * (is_k ? p.total_k : p.total_q) + start;
+  }
   if (is_k)
-    return {static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + h * p.k_stride_h, p.Nk, p.k_stride_n};
-  return {static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h, p.Nq, p.q_stride_n};
+    return {static_cast<const uint16_t*>(p.k) + b * p.k_stride_b + h * p.k_stride_h + start * p.k_stride_n, n,
+            p.k_stride_n, start, out0};
+  return {static_cast<const uint16_t*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + start * p.q_stride_n, n,
+          p.q_stride_n, start, out0};
 }
 
 // Grid: B*H*chunks CTAs for one side (q or k); partial sums go to partial[offset + (bh*chunks + c)*D].
@@ -123,7 +145,7 @@ __global__ void __launch_bounds__(kThreads)
   const Side s = side(p, is_k, bh);
   const int col = threadIdx.x % TPR, r = threadIdx.x / TPR;
 
-  float acc[8] = {};
+  double acc[8] = {};  // double: the sum must not depend on how rows are chunked
   const int64_t first = chunk * rows_per_chunk + r;
   const int64_t last = min(s.n, (chunk + 1) * rows_per_chunk);
 #pragma unroll 4
@@ -153,7 +175,8 @@ __global__ void mean_finalize_kernel(const QuantizeParams p, int64_t q_chunks, i
   double sum = 0;
   for (int64_t c = 0; c < chunks; ++c) sum += src[c * D];
   float* dst = is_k ? p.k_mean : p.q_mean;
-  dst[bh * D + threadIdx.x] = static_cast<float>(sum / static_cast<double>(is_k ? p.Nk : p.Nq));
+  const int64_t n = side(p, is_k, bh).n;  // an empty sequence (varlen) gets mean 0
+  dst[bh * D + threadIdx.x] = n > 0 ? static_cast<float>(sum / static_cast<double>(n)) : 0.f;
 }
 
 // Scale groups are contiguous runs of R "virtual" rows; these map virtual row v to the real row.
@@ -213,9 +236,8 @@ __device__ __forceinline__ void quantize_tile(const QuantizeParams& p, int64_t b
     scale[j] = scale[j] == 0.f ? 1.f : __fdiv_rn(scale[j], 7.f);
   }
 
-  const int64_t N = s.n;
-  int8_t* codes = (IS_K ? p.k_codes : p.q_codes) + bh * N * D + col * 8;
-  float* scales = (IS_K ? p.k_scale : p.q_scale) + bh * N;
+  int8_t* codes = (IS_K ? p.k_codes : p.q_codes) + s.out0 * D + col * 8;
+  float* scales = (IS_K ? p.k_scale : p.q_scale) + s.out0;
 #pragma unroll
   for (int i = 0; i < CPL; ++i) {
     if (row[i] < 0) continue;
@@ -255,7 +277,8 @@ __device__ __forceinline__ void quantize_tile(const QuantizeParams& p, int64_t b
 #pragma unroll
         for (int i = 0; i < CPL; ++i) dot[i] += __shfl_xor_sync(0xffffffffu, dot[i], off);
       }
-      float* bias = p.qk_bias + qh * p.Nk;
+      // [B, Hq, Nk] batched, [Hq, total_k] packed
+      float* bias = p.qk_bias + (p.cu_seqlens_k ? (hkv * g + hh) * p.total_k + s.start : qh * p.Nk);
 #pragma unroll
       for (int i = 0; i < CPL; ++i)
         if (row[i] >= 0 && col == 0) bias[row[i]] = dot[i];
@@ -289,8 +312,10 @@ template <typename T, int D, int BK>
 cudaError_t launch(const QuantizeParams& p, cudaStream_t stream) {
   const int64_t rows = mean_rows_per_chunk(p);
   const int64_t q_chunks = cdiv(p.Nq, rows), k_chunks = cdiv(p.Nk, rows);
-  const bool q_vec = aligned16(p.q, p.B, p.Hq, p.Nq, p.q_stride_b, p.q_stride_h, p.q_stride_n);
-  const bool k_vec = aligned16(p.k, p.B, p.Hkv, p.Nk, p.k_stride_b, p.k_stride_h, p.k_stride_n);
+  // Packed sequences start at any row: the row stride matters unless there is one row in all.
+  const int64_t q_rows = p.cu_seqlens_q ? p.total_q : p.Nq, k_rows = p.cu_seqlens_k ? p.total_k : p.Nk;
+  const bool q_vec = aligned16(p.q, p.B, p.Hq, q_rows, p.q_stride_b, p.q_stride_h, p.q_stride_n);
+  const bool k_vec = aligned16(p.k, p.B, p.Hkv, k_rows, p.k_stride_b, p.k_stride_h, p.k_stride_n);
   const int64_t q_heads = p.B * p.Hq, k_heads = p.B * p.Hkv;
   if (q_heads + k_heads == 0) return cudaSuccess;
   // Each kernel comes in a 16-byte-load (VEC) and an element-wise variant for unaligned strides.
@@ -347,10 +372,12 @@ inline QuantizeWorkspace quantize_workspace(const QuantizeParams& p) {
 }
 
 // Returns cudaErrorInvalidValue for unsupported shapes (D not 64/128, bk not 32/64, Hq not a
-// multiple of Hkv, a sequence of length 0, or more than 2^31 - 1 rows); else the launch status.
+// multiple of Hkv, a sequence of length 0, more than 2^31 - 1 rows, or only one of the two
+// cu_seqlens); else the launch status.
 inline cudaError_t launch_quantize(const QuantizeParams& p, cudaStream_t stream) {
   if ((p.D != 64 && p.D != 128) || (p.bk != 32 && p.bk != 64) || p.Hkv < 1 || p.Hq % p.Hkv != 0 || p.Nq < 1 ||
-      p.Nk < 1 || p.Nq > INT32_MAX || p.Nk > INT32_MAX || p.B < 0 || p.Hq < 0)
+      p.Nk < 1 || p.Nq > INT32_MAX || p.Nk > INT32_MAX || p.B < 0 || p.Hq < 0 ||
+      (p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr) || p.total_q > INT32_MAX || p.total_k > INT32_MAX)
     return cudaErrorInvalidValue;
   if (p.dtype == QuantizeDtype::kHalf) return quantize_detail::launch_dtype<__half>(p, stream);
   return quantize_detail::launch_dtype<__nv_bfloat16>(p, stream);

@@ -37,6 +37,7 @@ cudaError_t launch(sale::BlockSparseAttentionParams p, Kernel kernel, bool bf16,
   CUDA_OK(sale::launch_convert_v(cv, 132, nullptr));
   p.v = cv.out;
   p.v_row_stride = D, p.v_head_stride = int64_t(p.nk) * D, p.v_batch_stride = int64_t(p.kv_heads) * p.nk * D;
+  if (p.cu_seqlens_k != nullptr) p.v_batch_stride = 0;  // packed: sequences are located by their rows
   const bool fast_p = kernel == Kernel::kWgmmaFastP;
   const cudaError_t err = sale::launch_block_sparse_attention_sm90(p, cv.amax_bits, true, D, bk, fast_p, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
@@ -117,6 +118,31 @@ int run_case(const Case& c, Kernel kernel, std::mt19937& rng) {
     CUDA_OK(cudaFree(const_cast<void*>(pp.mask)));
   }
 
+  // One head: [B, 1, N, D] is also the packed [B * N, 1, D] of B sequences of equal length, so the
+  // variable-length path (cu_seqlens) must give bit-identical out and lse ([1, B * N] = [B, 1, N]).
+  int varlen_differs = 0;
+  if (Hq == 1) {
+    std::vector<int> cu_q(B + 1), cu_k(B + 1);
+    for (int b = 0; b <= B; ++b) cu_q[b] = b * Nq, cu_k[b] = b * Nk;
+    sale::BlockSparseAttentionParams pv = p;
+    pv.cu_seqlens_q = to_device(cu_q), pv.cu_seqlens_k = to_device(cu_k);
+    pv.total_q = int64_t(B) * Nq;
+    pv.q_batch_stride = pv.k_batch_stride = pv.v_batch_stride = 0;
+    CUDA_OK(cudaMemset(out_d, 0xff, out.size() * sizeof(T)));
+    CUDA_OK(cudaMemset(lse_d, 0xff, lse.size() * sizeof(float)));
+    CUDA_OK(launch(pv, kernel, c.bf16, D, bk, v.size()));
+    CUDA_OK(cudaDeviceSynchronize());
+    std::vector<T> out2(out.size());
+    std::vector<float> lse2(lse.size());
+    CUDA_OK(cudaMemcpy(out2.data(), out_d, out.size() * sizeof(T), cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(lse2.data(), lse_d, lse.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    varlen_differs = std::memcmp(out2.data(), out.data(), out.size() * sizeof(T)) != 0 ||
+                     std::memcmp(lse2.data(), lse.data(), lse.size() * sizeof(float)) != 0;
+    if (varlen_differs) std::printf("  the packed (cu_seqlens) path gives a different output\n");
+    CUDA_OK(cudaFree(const_cast<int*>(pv.cu_seqlens_q)));
+    CUDA_OK(cudaFree(const_cast<int*>(pv.cu_seqlens_k)));
+  }
+
   // Host reference in double from the rounded inputs. Tolerance: a few output ulps (P is rounded
   // to the input dtype before P.V) plus the output's own rounding.
   const double tol = c.bf16 ? 3e-2 : 4e-3;
@@ -166,7 +192,7 @@ int run_case(const Case& c, Kernel kernel, std::mt19937& rng) {
   for (const void* ptr : {p.q, p.k, p.v, static_cast<const void*>(p.mask)}) CUDA_OK(cudaFree(const_cast<void*>(ptr)));
   CUDA_OK(cudaFree(out_d));
   CUDA_OK(cudaFree(lse_d));
-  return bad == 0 && !packed_differs ? 0 : 1;
+  return bad == 0 && !packed_differs && !varlen_differs ? 0 : 1;
 }
 
 }  // namespace
@@ -180,6 +206,8 @@ int main() {
       {1, 2, 1, 200, 200, 128, 32, true, false},
       {1, 3, 3, 150, 150, 128, 32, true, true, 1e5f},  // |V| past fp16's range: scaled by 2^-e
       {1, 1, 1, 70, 33000, 64, 32, false, true},       // > 1024 kept blocks: several compaction passes
+      {3, 1, 1, 100, 130, 64, 32, true, false},        // one head, B > 1: also run as a packed batch
+      {2, 1, 1, 70, 200, 128, 64, true, true},
   };
   int failed = 0;
   for (Kernel kernel : {Kernel::kMma, Kernel::kWgmma, Kernel::kWgmmaFastP})

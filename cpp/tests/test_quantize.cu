@@ -85,7 +85,7 @@ struct Errors {
   }
 };
 
-// Mean in double, then fp32. The kernel sums up to 32 rows in fp32 first: within 4e-6 of mean |x|.
+// Mean in double, then fp32, as the kernel (which sums in another order): within 4e-6 of mean |x|.
 std::vector<float> host_means(const Input& x, bool half, std::vector<double>* abs_means) {
   std::vector<float> m(x.B * x.H * x.D);
   abs_means->assign(m.size(), 0.0);

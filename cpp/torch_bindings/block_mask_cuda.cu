@@ -5,6 +5,7 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -118,9 +119,83 @@ Tensor block_mask_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tenso
   return mask;
 }
 
+// ---- variable-length (packed) batches (sale/varlen.cuh; checks in entry_utils.h)
+
+namespace vl = sale_entry::varlen;
+
+// ---------------------------------------------------------------------------------------------
+// sale.block_mask_bits_varlen -> int32 [B, Hq, ceil(max_q / bq), ceil(ceil(max_k / bk) / 32)]
+// ---------------------------------------------------------------------------------------------
+void check_quantized(const char* op, const Tensor& t, const char* name, ScalarType dtype, int64_t s0, int64_t s1,
+                     int64_t s2, const Tensor& q) {
+  vl::check_cuda(op, t, name, q);
+  STD_TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous(), op, ": argument '", name,
+                  "' must be a contiguous tensor as sale.quantize_varlen returns it (wrong dtype or strides)");
+  const int64_t want[3] = {s0, s1, s2};
+  const int64_t dims = s2 < 0 ? 2 : 3;
+  bool ok = t.dim() == dims;
+  for (int64_t d = 0; ok && d < dims; ++d) ok = t.size(d) == want[d];
+  STD_TORCH_CHECK(ok, op, ": argument '", name, "' does not have the shape sale.quantize_varlen gives for 'q' and 'k'");
+}
+
+Tensor block_mask_bits_varlen_cuda(Tensor q, Tensor k, Tensor cu_q, Tensor cu_k, int64_t max_q, int64_t max_k,
+                                   Tensor q_codes, Tensor q_scale, Tensor k_codes, Tensor k_scale, Tensor qk_bias,
+                                   Tensor k_mean, Tensor tau, int64_t bq, int64_t bk, int64_t window, double scale,
+                                   int64_t dense_below) {
+  constexpr const char* kOp = "sale.block_mask_bits_varlen";
+  const vl::Batch vb = vl::check_batch(kOp, q, k, cu_q, cu_k, max_q, max_k);
+  vl::check_blocks(kOp, bq, bk);
+  STD_TORCH_CHECK(window % bk == 0 && window >= bq, kOp, ": argument 'window' is ", window,
+                  "; it must be a multiple of bk and at least bq");
+  STD_TORCH_CHECK(std::isfinite(scale) && scale > 0, kOp, ": argument 'scale' must be finite and > 0");
+  const int64_t Hq = q.size(1), D = q.size(2), Hkv = k.size(1), Tq = vb.total_q, Tk = vb.total_k;
+  check_quantized(kOp, q_codes, "q_codes", ScalarType::Char, Hq, Tq, D, q);
+  check_quantized(kOp, q_scale, "q_scale", ScalarType::Float, Hq, Tq, -1, q);
+  check_quantized(kOp, k_codes, "k_codes", ScalarType::Char, Hkv, Tk, D, q);
+  check_quantized(kOp, k_scale, "k_scale", ScalarType::Float, Hkv, Tk, -1, q);
+  check_quantized(kOp, qk_bias, "qk_bias", ScalarType::Float, Hq, Tk, -1, q);
+  check_quantized(kOp, k_mean, "k_mean", ScalarType::Float, vb.batch, Hkv, D, q);
+  vl::check_cuda(kOp, tau, "tau", q);
+  STD_TORCH_CHECK(tau.scalar_type() == ScalarType::Float && tau.dim() == 1 && tau.size(0) == Hq && tau.is_contiguous(),
+                  kOp, ": argument 'tau' must be a contiguous float32 [Hq] tensor");
+
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  const cudaStream_t stream = sale_entry::current_stream(q);
+  const int64_t nQ = (max_q + bq - 1) / bq, nK = (max_k + bk - 1) / bk, nW = (nK + 31) / 32;
+  Tensor threshold = torch::stable::new_empty(q, {Hq, Tq}, ScalarType::Float);
+  Tensor bits = torch::stable::new_empty(q, {vb.batch, Hq, nQ, nW}, ScalarType::Int);
+
+  sale::BlockMaskParams p{};
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.q_batch_stride = 0, p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(0);
+  p.k_batch_stride = 0, p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(0);
+  p.q_codes = static_cast<const int8_t*>(q_codes.const_data_ptr());
+  p.q_scale = static_cast<const float*>(q_scale.const_data_ptr());
+  p.k_codes = static_cast<const int8_t*>(k_codes.const_data_ptr());
+  p.k_scale = static_cast<const float*>(k_scale.const_data_ptr());
+  p.qk_bias = static_cast<const float*>(qk_bias.const_data_ptr());
+  p.k_mean = static_cast<const float*>(k_mean.const_data_ptr());
+  p.tau = static_cast<const float*>(tau.const_data_ptr());
+  p.row_threshold = static_cast<float*>(threshold.mutable_data_ptr());
+  p.mask_bits = static_cast<uint32_t*>(bits.mutable_data_ptr());
+  p.batch = int(vb.batch), p.q_heads = int(Hq), p.kv_heads = int(Hkv), p.nq = int(max_q), p.nk = int(max_k);
+  p.bk = int(bk), p.window = int(window), p.nQ = int(nQ), p.nK = int(nK), p.nW = int(nW);
+  p.scale = float(scale);
+  p.cu_seqlens_q = vb.cu_q, p.cu_seqlens_k = vb.cu_k;
+  p.total_q = Tq, p.total_k = Tk;
+  p.dense_below = int(std::min<int64_t>(std::max<int64_t>(dense_below, 0), vl::kMaxRows + 1));
+  const char* estimator = std::getenv("SALE_OPS_ESTIMATOR");  // as sale.block_mask_bits
+  p.use_wgmma = !(estimator && std::string(estimator) == "mma");
+  const cudaError_t err = sale::launch_block_mask(p, q.scalar_type() == ScalarType::BFloat16, int(D), stream);
+  STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
+  return bits;
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(sale, CUDA, m) {
   m.impl("block_mask", TORCH_BOX(&block_mask_cuda));
   m.impl("block_mask_bits", TORCH_BOX(&block_mask_bits_cuda));
+  m.impl("block_mask_bits_varlen", TORCH_BOX(&block_mask_bits_varlen_cuda));
 }

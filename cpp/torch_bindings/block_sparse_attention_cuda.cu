@@ -139,8 +139,97 @@ std::tuple<Tensor, Tensor> block_sparse_attention_cuda(Tensor q, Tensor k, Tenso
   return std::make_tuple(out, lse);
 }
 
+// ---- variable-length (packed) batches (sale/varlen.cuh; checks in entry_utils.h)
+
+namespace vl = sale_entry::varlen;
+
+// ---------------------------------------------------------------------------------------------
+// sale.block_sparse_attention_varlen -> out [Tq, Hq, D], lse [Hq, Tq]
+// ---------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor> block_sparse_attention_varlen_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_q, Tensor cu_k,
+                                                              int64_t max_q, int64_t max_k, Tensor block_mask,
+                                                              int64_t bq, int64_t bk, double scale, bool causal) {
+  constexpr const char* kOp = "sale.block_sparse_attention_varlen";
+  const vl::Batch vb = vl::check_batch(kOp, q, k, cu_q, cu_k, max_q, max_k);
+  vl::check_packed(kOp, v, "v", q);
+  for (int d = 0; d < 3; ++d)
+    STD_TORCH_CHECK(v.size(d) == k.size(d), kOp, ": argument 'v' must have the shape of 'k'; dim ", d, " is ",
+                    v.size(d), ", not ", k.size(d));
+  vl::check_blocks(kOp, bq, bk);
+  STD_TORCH_CHECK(std::isfinite(scale) && scale > 0, kOp, ": argument 'scale' is ", scale,
+                  "; it must be a finite number > 0");
+  vl::check_cuda(kOp, block_mask, "block_mask", q);
+  const bool packed = block_mask.scalar_type() == ScalarType::Int;
+  STD_TORCH_CHECK(packed || block_mask.scalar_type() == ScalarType::Bool, kOp,
+                  ": argument 'block_mask' must be bool or int32 bit-packed words");
+  const int64_t Hq = q.size(1), D = q.size(2), Hkv = k.size(1), Tq = vb.total_q, Tk = vb.total_k;
+  const int64_t nQ = (max_q + bq - 1) / bq, nK = (max_k + bk - 1) / bk, cols = packed ? (nK + 31) / 32 : nK;
+  STD_TORCH_CHECK(block_mask.dim() == 4 && block_mask.size(0) == vb.batch && block_mask.size(1) == Hq &&
+                      block_mask.size(2) == nQ && block_mask.size(3) == cols,
+                  kOp, ": argument 'block_mask' must have shape [B, Hq, ceil(max_seqlen_q/bq), ",
+                  packed ? "ceil(ceil(max_seqlen_k/bk)/32)" : "ceil(max_seqlen_k/bk)", "] = [", vb.batch, ", ", Hq,
+                  ", ", nQ, ", ", cols, "]");
+
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  const cudaStream_t stream = sale_entry::current_stream(q);
+  Tensor out = torch::stable::new_empty(q, {Tq, Hq, D}, q.scalar_type());
+  Tensor lse = torch::stable::new_empty(q, {Hq, Tq}, ScalarType::Float);
+  if (Tq == 0) return std::make_tuple(out, lse);
+
+  sale::BlockSparseAttentionParams p{};
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.q_batch_stride = 0, p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(0);
+  p.k_batch_stride = 0, p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(0);
+  p.v_batch_stride = 0, p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(0);
+  p.mask = block_mask.const_data_ptr();
+  p.mask_packed = packed;
+  p.mask_batch_stride = block_mask.stride(0), p.mask_head_stride = block_mask.stride(1);
+  p.mask_row_stride = block_mask.stride(2), p.mask_col_stride = block_mask.stride(3);
+  p.out = out.mutable_data_ptr();
+  p.lse = static_cast<float*>(lse.mutable_data_ptr());
+  p.batch = int(vb.batch), p.q_heads = int(Hq), p.kv_heads = int(Hkv), p.nq = int(max_q), p.nk = int(max_k);
+  p.nQ = int(nQ), p.nK = int(nK);
+  p.scale = float(scale);
+  p.causal = causal;
+  p.cu_seqlens_q = vb.cu_q, p.cu_seqlens_k = vb.cu_k;
+  p.total_q = Tq;
+  const bool is_bf16 = q.scalar_type() == ScalarType::BFloat16;
+  const char* env = std::getenv("SALE_OPS_ATTENTION");  // as sale.block_sparse_attention
+  const std::string choice = env ? env : "";
+  cudaError_t err = cudaSuccess;
+  if (choice == "mma") {
+    err = sale::launch_block_sparse_attention(p, is_bf16, int(D), int(bk), stream);
+  } else {
+    // bf16 V becomes an fp16 copy [Hkv, Tk, D] (one "batch" of Tk rows; sequences keep their rows).
+    const unsigned* v_amax_bits = nullptr;
+    Tensor v_half, amax;
+    if (is_bf16 && Tk > 0) {
+      v_half = torch::stable::new_empty(q, {Hkv, Tk, D}, ScalarType::Half);
+      amax = torch::stable::new_empty(q, {1}, ScalarType::Int);
+      sale::ConvertVParams cv{};
+      cv.v = static_cast<const __nv_bfloat16*>(v.const_data_ptr());
+      cv.batch_stride = 0, cv.head_stride = v.stride(1), cv.row_stride = v.stride(0);
+      cv.heads = int(Hkv), cv.nk = int(Tk), cv.d = int(D);
+      cv.out = static_cast<__half*>(v_half.mutable_data_ptr());
+      cv.amax_bits = static_cast<unsigned*>(amax.mutable_data_ptr());
+      cv.rows = Hkv * Tk;
+      err = sale::launch_convert_v(cv, sale_entry::sm_count(q), stream);
+      STD_TORCH_CHECK(err == cudaSuccess, kOp, ": V conversion launch failed: ", cudaGetErrorString(err));
+      p.v = cv.out;
+      p.v_batch_stride = 0, p.v_head_stride = Tk * D, p.v_row_stride = D;
+      v_amax_bits = cv.amax_bits;
+    }
+    err = sale::launch_block_sparse_attention_sm90(p, v_amax_bits, is_bf16, int(D), int(bk), choice == "fast", stream);
+  }
+  STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
+  return std::make_tuple(out, lse);
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(sale, CUDA, m) {
   m.impl("block_sparse_attention", TORCH_BOX(&block_sparse_attention_cuda));
+  m.impl("block_sparse_attention_varlen", TORCH_BOX(&block_sparse_attention_varlen_cuda));
 }

@@ -118,6 +118,62 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> quantize_cuda(Tensor 
   return {q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean};
 }
 
+// ---- variable-length (packed) batches (sale/varlen.cuh; checks in entry_utils.h)
+
+namespace vl = sale_entry::varlen;
+
+// ---------------------------------------------------------------------------------------------
+// sale.quantize_varlen -> q_codes [Hq, Tq, D], q_scale [Hq, Tq], k_codes [Hkv, Tk, D],
+// k_scale [Hkv, Tk], qk_bias [Hq, Tk], k_mean [B, Hkv, D]
+// ---------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> quantize_varlen_cuda(Tensor q, Tensor k, Tensor cu_q,
+                                                                                Tensor cu_k, int64_t max_q,
+                                                                                int64_t max_k, int64_t bk) {
+  constexpr const char* kOp = "sale.quantize_varlen";
+  const vl::Batch vb = vl::check_batch(kOp, q, k, cu_q, cu_k, max_q, max_k);
+  vl::check_blocks(kOp, 64, bk);
+  const int64_t Hq = q.size(1), D = q.size(2), Hkv = k.size(1), Tq = vb.total_q, Tk = vb.total_k;
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+
+  using torch::stable::new_empty;
+  Tensor q_codes = new_empty(q, {Hq, Tq, D}, ScalarType::Char);
+  Tensor q_scale = new_empty(q, {Hq, Tq}, ScalarType::Float);
+  Tensor k_codes = new_empty(k, {Hkv, Tk, D}, ScalarType::Char);
+  Tensor k_scale = new_empty(k, {Hkv, Tk}, ScalarType::Float);
+  Tensor qk_bias = new_empty(q, {Hq, Tk}, ScalarType::Float);
+  Tensor k_mean = new_empty(k, {vb.batch, Hkv, D}, ScalarType::Float);
+
+  sale::QuantizeParams p;
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.dtype = q.scalar_type() == ScalarType::Half ? sale::QuantizeDtype::kHalf : sale::QuantizeDtype::kBFloat16;
+  p.B = vb.batch, p.Hq = Hq, p.Hkv = Hkv, p.Nq = vb.max_q, p.Nk = vb.max_k, p.D = D;
+  p.q_stride_b = 0, p.q_stride_h = q.stride(1), p.q_stride_n = q.stride(0);
+  p.k_stride_b = 0, p.k_stride_h = k.stride(1), p.k_stride_n = k.stride(0);
+  p.bk = static_cast<int>(bk);
+  p.q_codes = static_cast<int8_t*>(q_codes.mutable_data_ptr());
+  p.q_scale = static_cast<float*>(q_scale.mutable_data_ptr());
+  p.k_codes = static_cast<int8_t*>(k_codes.mutable_data_ptr());
+  p.k_scale = static_cast<float*>(k_scale.mutable_data_ptr());
+  p.qk_bias = static_cast<float*>(qk_bias.mutable_data_ptr());
+  p.k_mean = static_cast<float*>(k_mean.mutable_data_ptr());
+  p.cu_seqlens_q = vb.cu_q, p.cu_seqlens_k = vb.cu_k;
+  p.total_q = Tq, p.total_k = Tk;
+
+  const sale::QuantizeWorkspace ws = sale::quantize_workspace(p);
+  Tensor partial = new_empty(q, {ws.partial_doubles}, ScalarType::Double);
+  Tensor q_mean = new_empty(q, {ws.q_mean_floats}, ScalarType::Float);
+  p.partial = static_cast<double*>(partial.mutable_data_ptr());
+  p.q_mean = static_cast<float*>(q_mean.mutable_data_ptr());
+
+  const cudaError_t err = sale::launch_quantize(p, sale_entry::current_stream(q));
+  STD_TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+  return {q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean};
+}
+
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(sale, CUDA, m) { m.impl("quantize", TORCH_BOX(&quantize_cuda)); }
+STABLE_TORCH_LIBRARY_IMPL(sale, CUDA, m) {
+  m.impl("quantize", TORCH_BOX(&quantize_cuda));
+  m.impl("quantize_varlen", TORCH_BOX(&quantize_varlen_cuda));
+}

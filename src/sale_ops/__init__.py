@@ -18,6 +18,7 @@ from .functional import (  # noqa: E402
     DEFAULT_WINDOW,
     AttentionOutput,
     attention,
+    attention_varlen,
     block_density,
     block_mask,
     block_sparse_attention,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attention",
+    "attention_varlen",
     "quantize",
     "block_mask",
     "block_sparse_attention",

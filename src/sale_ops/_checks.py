@@ -221,3 +221,169 @@ def attention_args(q, k, v, tau, bq, bk, window, scale, causal, dense_below) -> 
     check_tau(op, tau, q)
     check_blocks(op, bq, bk, window)
     check_scale(op, scale)
+
+
+# Variable-length (packed) batches: q [total_q, Hq, D], k/v [total_k, Hkv, D], cu_seqlens int32 [B + 1].
+
+
+def check_packed_qk(op: str, q, k, v=None) -> None:
+    """Shapes of the packed ``q [total_q, Hq, D]``, ``k`` (and ``v``) ``[total_k, Hkv, D]``."""
+    check_tensor(op, "q", q, 3)
+    check_tensor(op, "k", k, 3)
+    check_same_device(op, q=q, k=k)
+    check_dtype(op, "q", q, SUPPORTED_DTYPES)
+    if k.dtype != q.dtype:
+        raise TypeError(f"{op}: argument 'k' has dtype {k.dtype} but 'q' has {q.dtype}; they must match")
+    _, Hq, D = q.shape
+    _, Hkv, Dk = k.shape
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"{op}: query heads must be a multiple of kv heads, got Hq={Hq} ('q') and Hkv={Hkv} ('k')")
+    if Dk != D:
+        raise ValueError(f"{op}: head dims differ: 'q' has D={D}, 'k' has D={Dk}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{op}: argument 'q' has head dim {D}; supported: {_names(SUPPORTED_HEAD_DIMS)}")
+    check_last_dim_contiguous(op, "q", q)
+    check_last_dim_contiguous(op, "k", k)
+    if v is not None:
+        check_tensor(op, "v", v, 3)
+        check_same_device(op, q=q, v=v)
+        if v.dtype != q.dtype:
+            raise TypeError(f"{op}: argument 'v' has dtype {v.dtype} but 'q' has {q.dtype}; they must match")
+        if tuple(v.shape) != tuple(k.shape):
+            raise ValueError(f"{op}: 'v' must have the shape of 'k' {tuple(k.shape)}, got {tuple(v.shape)}")
+        check_last_dim_contiguous(op, "v", v)
+
+
+def check_cu_seqlens(op: str, q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> int:
+    """Metadata of the sequence offsets and the max lengths; returns the batch size B."""
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(op, name, cu, 1)
+        check_same_device(op, q=q, **{name: cu})
+        check_dtype(op, name, cu, (torch.int32,))
+        if cu.shape[0] < 2:
+            raise ValueError(f"{op}: argument '{name}' must hold B + 1 >= 2 offsets, got shape {tuple(cu.shape)}")
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(
+            f"{op}: 'cu_seqlens_q' has {cu_seqlens_q.shape[0]} offsets but 'cu_seqlens_k' has "
+            f"{cu_seqlens_k.shape[0]}; both must hold B + 1"
+        )
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"{op}: argument '{name}' must be a Python int, got {type(n).__name__}")
+        if not 1 <= n <= 1 << 30:
+            raise ValueError(f"{op}: argument '{name}' is {n}; supported: 1 .. 2^30")
+    return cu_seqlens_q.shape[0] - 1
+
+
+def check_cu_seqlens_values(op: str, cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k,
+                            causal: bool = True) -> None:
+    """Values of the offsets (reads them: call where a sync is acceptable): start at 0, never
+    decrease, end at the packed length, no sequence longer than its max, and (causal) Nq_b <= Nk_b."""
+    for name, cu, total, most in (
+        ("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
+        ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k),
+    ):
+        c = cu.tolist()
+        lengths = [b - a for a, b in zip(c, c[1:])]
+        if c[0] != 0 or c[-1] != total or min(lengths) < 0:
+            raise ValueError(
+                f"{op}: argument '{name}' must start at 0, never decrease and end at the packed length {total}, "
+                f"got {c if len(c) <= 16 else c[:8] + ['...'] + c[-4:]}"
+            )
+        if max(lengths) > most:
+            b = lengths.index(max(lengths))
+            raise ValueError(
+                f"{op}: sequence {b} has {lengths[b]} rows in '{name}' but 'max_seqlen_{name[-1]}' is {most}; "
+                f"it must be at least the longest sequence"
+            )
+    if causal:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        for b in range(len(cq) - 1):
+            nq, nk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+            if nq > nk:
+                raise ValueError(
+                    f"{op}: causal attention needs Nq <= Nk in every sequence (queries are the last Nq positions), "
+                    f"got Nq={nq}, Nk={nk} in sequence {b}"
+                )
+
+
+def check_quantized_varlen(op: str, q, k, batch, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean) -> None:
+    """The tensors of ``sale.quantize_varlen`` for these packed ``q`` and ``k``."""
+    Tq, Hq, D = q.shape
+    Tk, Hkv, _ = k.shape
+    expected = {
+        "q_codes": (q_codes, torch.int8, (Hq, Tq, D)),
+        "q_scale": (q_scale, torch.float32, (Hq, Tq)),
+        "k_codes": (k_codes, torch.int8, (Hkv, Tk, D)),
+        "k_scale": (k_scale, torch.float32, (Hkv, Tk)),
+        "qk_bias": (qk_bias, torch.float32, (Hq, Tk)),
+        "k_mean": (k_mean, torch.float32, (batch, Hkv, D)),
+    }
+    for name, (t, dtype, shape) in expected.items():
+        check_tensor(op, name, t, len(shape))
+        check_same_device(op, q=q, **{name: t})
+        check_dtype(op, name, t, (dtype,))
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{op}: argument '{name}' must have shape {shape}, got {tuple(t.shape)}")
+
+
+def varlen_mask_shape(batch, hq, max_seqlen_q, max_seqlen_k, bq, bk, packed: bool):
+    nK = -(-max_seqlen_k // bk)
+    return (batch, hq, -(-max_seqlen_q // bq), words_per_row(nK) if packed else nK)
+
+
+def quantize_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bk) -> int:
+    op = "sale.quantize_varlen"
+    check_packed_qk(op, q, k)
+    batch = check_cu_seqlens(op, q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_blocks(op, SUPPORTED_BQ[0], bk)
+    return batch
+
+
+def block_mask_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_codes, q_scale, k_codes,
+                           k_scale, qk_bias, k_mean, tau, bq, bk, window, scale, dense_below) -> int:
+    op = "sale.block_mask_bits_varlen"
+    check_packed_qk(op, q, k)
+    batch = check_cu_seqlens(op, q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_quantized_varlen(op, q, k, batch, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean)
+    check_tau(op, tau, q)
+    check_blocks(op, bq, bk, window)
+    check_scale(op, scale)
+    return batch
+
+
+def block_sparse_attention_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_mask, bq,
+                                       bk, scale, causal) -> int:
+    op = "sale.block_sparse_attention_varlen"
+    check_packed_qk(op, q, k, v)
+    batch = check_cu_seqlens(op, q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_blocks(op, bq, bk)
+    check_tensor(op, "block_mask", block_mask, 4)
+    check_same_device(op, q=q, block_mask=block_mask)
+    if block_mask.dtype not in (torch.bool, torch.int32):
+        raise TypeError(
+            f"{op}: argument 'block_mask' has dtype {block_mask.dtype}; supported: torch.bool, or torch.int32 "
+            f"bit-packed words (sale_ops.mask_bits)"
+        )
+    packed = block_mask.dtype == torch.int32
+    want = varlen_mask_shape(batch, q.shape[1], max_seqlen_q, max_seqlen_k, bq, bk, packed)
+    if tuple(block_mask.shape) != want:
+        what = "ceil(ceil(max_seqlen_k/bk)/32)" if packed else "ceil(max_seqlen_k/bk)"
+        raise ValueError(
+            f"{op}: argument 'block_mask' must have shape [B, Hq, ceil(max_seqlen_q/bq), {what}] = {want}, "
+            f"got {tuple(block_mask.shape)}"
+        )
+    check_scale(op, scale)
+    return batch
+
+
+def attention_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tau, bq, bk, window, scale,
+                          causal, dense_below) -> int:
+    op = "sale.attention_varlen"
+    check_causal_pipeline(op, causal)
+    check_packed_qk(op, q, k, v)
+    batch = check_cu_seqlens(op, q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_tau(op, tau, q)
+    check_blocks(op, bq, bk, window)
+    check_scale(op, scale)
+    return batch

@@ -34,15 +34,21 @@ def selection_steps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bq: int, 
     SELECTION_MEMORY_SHARE of q + k + v next to the whole bit-packed mask (whole kv groups first,
     then parts of one group). Depends on shapes only."""
     B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    g = Hq // Hkv
-    qkv = sum(t.numel() * t.element_size() for t in (q, k, v))
+    Nk = k.shape[2]
     bits = B * Hq * -(-Nq // bq) * words_per_row(-(-Nk // bk)) * 4
-    budget = SELECTION_MEMORY_SHARE * qkv - bits
+    return _largest_step(lambda h, s: selection_bytes(B, h, s, Nq, Nk, D), (q, k, v), bits)
+
+
+def _largest_step(cost, qkv, bits: int) -> tuple[int, int]:
+    """The largest ``(kv heads, query heads per kv head)`` step whose ``cost`` fits next to ``bits``."""
+    q, k = qkv[0], qkv[1]
+    Hq, Hkv = q.shape[1], k.shape[1]  # [B, H, N, D] or packed [total, H, D]
+    g = Hq // Hkv
+    budget = SELECTION_MEMORY_SHARE * sum(t.numel() * t.element_size() for t in qkv) - bits
     for h in sorted((h for h in range(1, Hkv + 1) if Hkv % h == 0), reverse=True):
-        if selection_bytes(B, h, g, Nq, Nk, D) <= budget:
+        if cost(h, g) <= budget:
             return h, g
-    fits = [s for s in range(1, g + 1) if g % s == 0 and selection_bytes(B, 1, s, Nq, Nk, D) <= budget]
+    fits = [s for s in range(1, g + 1) if g % s == 0 and cost(1, s) <= budget]
     return 1, max(fits, default=1)
 
 
@@ -100,3 +106,57 @@ def cudnn_causal(q, k, v, scale: float):
     probabilities to the input dtype before P·V, so its output is not held to SPEC §7's bound."""
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
     return res[0], res[1].reshape(q.shape[:3]).float()
+
+
+# ------------------------------------------------------------------------------------------------
+# Variable-length (packed) batches: q [total_q, Hq, D], k/v [total_k, Hkv, D], cu_seqlens [B + 1].
+# The same plan with the packed row counts; the per-row buffers are [heads, total] and the mask is
+# [B, Hq, ceil(max_q/bq), words(ceil(max_k/bk))], all sized from shapes and the max lengths.
+# ------------------------------------------------------------------------------------------------
+
+
+def selection_steps_varlen(q, k, v, batch: int, max_seqlen_q: int, max_seqlen_k: int, bq: int, bk: int):
+    """:func:`selection_steps` for a packed batch (``batch`` sequences, one key mean per sequence)."""
+    Tq, Hq, D = q.shape
+    Tk = k.shape[0]
+    bits = batch * Hq * -(-max_seqlen_q // bq) * words_per_row(-(-max_seqlen_k // bk)) * 4
+    return _largest_step(lambda h, s: selection_bytes(1, h, s, Tq, Tk, D) + h * (batch - 1) * D * 4, (q, k, v), bits)
+
+
+def select_blocks_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, tau, bq: int, bk: int, window: int, scale: float,
+                         dense_below: int) -> torch.Tensor:
+    """The bit-packed block mask ``[B, Hq, ceil(max_q/bq), words]`` of every sequence, selected a few
+    heads at a time; sequences with fewer than ``dense_below`` keys keep every causal block."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    g = Hq // Hkv
+    kv_step, q_step = selection_steps_varlen(q, k, v, cu_q.shape[0] - 1, max_q, max_k, bq, bk)
+    heads = kv_step * q_step
+    parts = []
+    for hk in range(0, Hkv, kv_step):
+        for h in range(hk * g, (hk + kv_step) * g, heads):
+            hs = slice(h, h + heads)
+            qh, kh = q[:, hs], k[:, hk : hk + kv_step]  # strided views: rows stay packed
+            qz = torch.ops.sale.quantize_varlen(qh, kh, cu_q, cu_k, max_q, max_k, bk)
+            parts.append(torch.ops.sale.block_mask_bits_varlen(qh, kh, cu_q, cu_k, max_q, max_k, *qz, tau[hs], bq, bk,
+                                                               window, scale, dense_below))
+            del qz
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+@torch.library.register_kernel("sale::attention_varlen", ("cpu", "cuda"))
+def _attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, tau, bq, bk, window, scale, causal, dense_below):
+    """sale.attention_varlen: quantize_varlen -> block_mask_bits_varlen -> block_sparse_attention_varlen,
+    each sequence with its own means, masks and causal alignment (SPEC §6 per sequence)."""
+    batch = _checks.attention_varlen_args(q, k, v, cu_q, cu_k, max_q, max_k, tau, bq, bk, window, scale, causal,
+                                          dense_below)
+    if tau.device.type == "cpu":
+        _checks.check_tau_values("sale.attention_varlen", tau)
+    if cu_q.device.type == "cpu":
+        _checks.check_cu_seqlens_values("sale.attention_varlen", cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
+    if max_k < dense_below:  # every sequence is short: all causal blocks, no selection
+        causal_blocks = ref.varlen_causal_blocks(cu_q, cu_k, max_q, max_k, bq, bk)
+        mask = pack_block_mask(causal_blocks).unsqueeze(1).expand(batch, q.shape[1], -1, -1).contiguous()
+    else:
+        mask = select_blocks_varlen(q, k, v, cu_q, cu_k, max_q, max_k, tau, bq, bk, window, scale, dense_below)
+    out, lse = torch.ops.sale.block_sparse_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, mask, bq, bk, scale, True)
+    return out, lse, mask

@@ -66,6 +66,52 @@ def _block_sparse_attention(q, k, v, block_mask, bq, bk, scale, causal):
     return _contiguous(*ref.block_sparse_attention(q, k, v, block_mask, bq, bk, scale, causal))
 
 
+# Variable-length (packed) ops on the CPU: each sequence through the reference (a loop over sequences;
+# reading cu_seqlens is free here, so their values are checked too).
+
+
+def _check_varlen_values(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True):
+    _checks.check_cu_seqlens_values(op, cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q,
+                                    max_seqlen_k, causal)
+
+
+@torch.library.register_kernel("sale::quantize_varlen", "cpu")
+def _quantize_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bk):
+    """sale.quantize_varlen through the reference, one sequence at a time."""
+    _checks.quantize_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bk)
+    _check_varlen_values("sale.quantize_varlen", q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, False)
+    return _contiguous(*ref.quantize_varlen(q, k, cu_seqlens_q, cu_seqlens_k, bk))
+
+
+@torch.library.register_kernel("sale::block_mask_bits_varlen", "cpu")
+def _block_mask_bits_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_codes, q_scale, k_codes,
+                            k_scale, qk_bias, k_mean, tau, bq, bk, window, scale, dense_below):
+    """sale.block_mask_bits_varlen: the reference mask of every sequence, bit-packed."""
+    op = "sale.block_mask_bits_varlen"
+    _checks.block_mask_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_codes, q_scale,
+                                   k_codes, k_scale, qk_bias, k_mean, tau, bq, bk, window, scale, dense_below)
+    _check_varlen_values(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _checks.check_tau_values(op, tau)
+    qz = ref.Quantized(q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean)
+    mask = ref.block_mask_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, qz, tau, bq, bk,
+                                 window, scale, dense_below)
+    return pack_block_mask(mask).contiguous()
+
+
+@torch.library.register_kernel("sale::block_sparse_attention_varlen", "cpu")
+def _block_sparse_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_mask, bq,
+                                   bk, scale, causal):
+    """sale.block_sparse_attention_varlen through the reference, one sequence at a time."""
+    _checks.block_sparse_attention_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                               block_mask, bq, bk, scale, causal)
+    _check_varlen_values("sale.block_sparse_attention_varlen", q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, causal)
+    if block_mask.dtype == torch.int32:
+        block_mask = unpack_block_mask(block_mask, -(-max_seqlen_k // bk))
+    return _contiguous(*ref.block_sparse_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, block_mask, bq, bk,
+                                                          scale, causal))
+
+
 def backend_summary(device) -> str:
     """Which implementation serves the ``torch.ops.sale`` ops on ``device`` (for logs and demos)."""
     kind = torch.device(device).type

@@ -19,11 +19,12 @@ import torch
 
 from . import _checks, _pipeline
 from .mask_bits import unpack_block_mask
-from .reference import Quantized, block_density
+from .reference import Quantized, block_density, block_density_varlen
 
 __all__ = [
     "AttentionOutput",
     "attention",
+    "attention_varlen",
     "quantize",
     "block_mask",
     "block_sparse_attention",
@@ -53,7 +54,7 @@ class AttentionOutput(NamedTuple):
 
     ``lse`` ``[B, Hq, Nq]`` fp32 (natural log, unsmoothed frame) or None; ``block_mask``
     ``[B, Hq, ceil(Nq/bq), ceil(Nk/bk)]`` bool or None; ``density`` ``[B, Hq]`` fp32 (kept over
-    causal blocks) or None.
+    causal blocks) or None. :func:`attention_varlen` fills it with the packed shapes (see there).
     """
 
     out: torch.Tensor
@@ -160,6 +161,76 @@ def attention(
     mask = unpack_block_mask(bits, -(-k.shape[2] // bk)) if return_block_mask else None
     density = block_density(mask, q.shape[2], k.shape[2], bq, bk) if return_block_mask else None
     return AttentionOutput(out, lse if return_lse else None, mask if return_block_mask else None, density)
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    thresholds: Thresholds,
+    *,
+    bq: int = DEFAULT_BQ,
+    bk: int = DEFAULT_BK,
+    window: int = DEFAULT_WINDOW,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    dense_below: Optional[int] = None,
+    return_lse: bool = False,
+    return_block_mask: bool = False,
+    packed_mask: bool = False,
+) -> Union[torch.Tensor, AttentionOutput]:
+    """SALE causal attention on a variable-length (packed) batch, the layout serving engines use.
+
+    Every sequence is computed as :func:`attention` would compute it alone: its own means, scales,
+    thresholds, block mask and bottom-right causal alignment (chunked prefill: ``Nq_b <= Nk_b``).
+
+    Args:
+        q: ``[total_q, Hq, D]``, the sequences' queries one after the other.
+        k, v: ``[total_k, Hkv, D]`` (GQA as in :func:`attention`; K/V are never copied).
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` on ``q``'s device: sequence ``b`` is rows
+            ``cu[b] .. cu[b + 1] - 1`` (``cu[0] = 0``, ``cu[B]`` = total). An empty sequence is allowed.
+        max_seqlen_q, max_seqlen_k: Python ints, at least the longest sequence's length. They size
+            every output and grid, so the op needs no host synchronisation (CUDA graphs,
+            ``torch.compile(fullgraph=True)``).
+        thresholds, bq, bk, window, scale, causal, dense_below: as in :func:`attention`;
+            ``dense_below`` applies per sequence (its key count).
+        return_lse, return_block_mask: also return ``lse`` ``[Hq, total_q]`` fp32 and/or the block
+            mask ``[B, Hq, ceil(max_seqlen_q/bq), ceil(max_seqlen_k/bk)]`` (rows and blocks past a
+            sequence's end are False) with its density ``[B, Hq]``, as an :class:`AttentionOutput`.
+        packed_mask: return the mask bit-packed (int32 words, :mod:`sale_ops.mask_bits`) instead.
+
+    Returns:
+        ``out`` ``[total_q, Hq, D]`` in the input dtype, or an :class:`AttentionOutput`.
+
+    In eager mode the offsets' values are checked first (a device synchronisation when they live on
+    the GPU); inside ``torch.compile`` or CUDA-graph capture only their metadata are.
+    """
+    op = "sale_ops.attention_varlen"
+    _checks.check_causal_pipeline(op, causal)
+    _checks.check_packed_qk(op, q, k, v)
+    _checks.check_cu_seqlens(op, q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if _values_are_checkable(cu_seqlens_q):
+        _checks.check_cu_seqlens_values(
+            op, cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k
+        )
+    tau = _thresholds(op, thresholds, q)
+    dense_below = DEFAULT_DENSE_BELOW if dense_below is None else int(dense_below)
+    out, lse, bits = torch.ops.sale.attention_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tau, bq, bk, window, _scale(scale, q), True,
+        dense_below,
+    )
+    if not (return_lse or return_block_mask):
+        return out
+    mask = density = None
+    if return_block_mask:
+        dense = unpack_block_mask(bits, -(-max_seqlen_k // bk))
+        density = block_density_varlen(dense, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bq, bk)
+        mask = bits if packed_mask else dense
+    return AttentionOutput(out, lse if return_lse else None, mask, density)
 
 
 def quantize(q: torch.Tensor, k: torch.Tensor, *, bk: int = DEFAULT_BK) -> Quantized:

@@ -35,6 +35,13 @@ __all__ = [
     "attention",
     "block_density",
     "expand_block_mask",
+    "sequences",
+    "varlen_causal_blocks",
+    "quantize_varlen",
+    "block_mask_varlen",
+    "block_sparse_attention_varlen",
+    "attention_varlen",
+    "block_density_varlen",
 ]
 
 QMAX = 7  # 4-bit symmetric codes live in [-7, 7]
@@ -360,3 +367,127 @@ def block_density(mask: torch.Tensor, nq: int, nk: int, bq: int, bk: int) -> tor
     causal = causal_blocks(nq, nk, bq, bk, mask.device)
     kept = (mask & causal).sum(dim=(-2, -1)).float()
     return kept / causal.sum().float()
+
+
+# --------------------------------------------------------------------------------------------
+# Variable-length (packed) batches
+# --------------------------------------------------------------------------------------------
+#
+# q ``[total_q, Hq, D]``, k and v ``[total_k, Hkv, D]``; sequence b owns rows
+# ``[cu_seqlens_q[b], cu_seqlens_q[b + 1])`` of q (and likewise of k, v). Every sequence is its own
+# SPEC problem: its own means, scales, bias, masks and bottom-right causal alignment. The reference
+# runs each sequence through the batched functions above; per-row results are laid out packed:
+# codes ``[H, total, D]``, scales ``[H, total]``, qk_bias ``[Hq, total_k]``, k_mean ``[B, Hkv, D]``,
+# out ``[total_q, Hq, D]``, lse ``[Hq, total_q]``; block masks are ``[B, Hq, ceil(max_q / bq),
+# ceil(max_k / bk)]`` with rows and columns past a sequence's end False.
+
+
+def sequences(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
+    """``[(q0, q1, k0, k1), ...]``: each sequence's rows (reads the values: a host copy)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [(cq[b], cq[b + 1], ck[b], ck[b + 1]) for b in range(len(cq) - 1)]
+
+
+def _seq(x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of a packed ``[total, H, D]`` tensor as a batched ``[1, H, n, D]`` view."""
+    return x[r0:r1].transpose(0, 1).unsqueeze(0)
+
+
+def varlen_causal_blocks(cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, bq: int, bk: int):
+    """``[B, ceil(max_q/bq), ceil(max_k/bk)]`` bool: :func:`causal_blocks` of every sequence, False
+    past its end. Tensor ops only (no host copy of the lengths), on ``cu_seqlens_q``'s device."""
+    dev = cu_seqlens_q.device
+    nq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()[:, None]  # [B, 1]
+    nk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()[:, None]
+    m = torch.arange(-(-max_seqlen_q // bq), device=dev)[None, :]  # [1, nQ]
+    e = torch.minimum((m + 1) * bq, nq) + (nk - nq)  # [B, nQ]: e_m of each sequence
+    n = torch.arange(-(-max_seqlen_k // bk), device=dev)
+    return ((n * bk)[None, None, :] < e[:, :, None]) & (m * bq < nq)[:, :, None]
+
+
+def quantize_varlen(q, k, cu_seqlens_q, cu_seqlens_k, bk: int = 32, dtype: torch.dtype = torch.float32) -> Quantized:
+    """SPEC §2 per sequence, packed (see above). A sequence without queries has q̄ = 0 (its keys'
+    bias is 0), one without keys k̄ = 0."""
+    Tq, Hq, D = q.shape
+    Tk, Hkv, _ = k.shape
+    seqs = sequences(cu_seqlens_q, cu_seqlens_k)
+    f32 = torch.float32
+    q_codes = torch.zeros(Hq, Tq, D, dtype=torch.int8, device=q.device)
+    q_scale = torch.zeros(Hq, Tq, dtype=f32, device=q.device)
+    k_codes = torch.zeros(Hkv, Tk, D, dtype=torch.int8, device=q.device)
+    k_scale = torch.zeros(Hkv, Tk, dtype=f32, device=q.device)
+    qk_bias = torch.zeros(Hq, Tk, dtype=f32, device=q.device)
+    k_mean = torch.zeros(len(seqs), Hkv, D, dtype=f32, device=q.device)
+    for b, (q0, q1, k0, k1) in enumerate(seqs):
+        if q1 > q0 and k1 > k0:
+            qz = quantize(_seq(q, q0, q1), _seq(k, k0, k1), bk, dtype)
+            q_codes[:, q0:q1], q_scale[:, q0:q1] = qz.q_codes[0], qz.q_scale[0].float()
+            k_codes[:, k0:k1], k_scale[:, k0:k1] = qz.k_codes[0], qz.k_scale[0].float()
+            qk_bias[:, k0:k1], k_mean[b] = qz.qk_bias[0].float(), qz.k_mean[0].float()
+        elif q1 > q0:
+            codes, scale, _ = quantize_queries(_seq(q, q0, q1), dtype)
+            q_codes[:, q0:q1], q_scale[:, q0:q1] = codes[0], scale[0].float()
+        elif k1 > k0:
+            codes, scale, mean = quantize_keys(_seq(k, k0, k1), bk, dtype)
+            k_codes[:, k0:k1], k_scale[:, k0:k1], k_mean[b] = codes[0], scale[0].float(), mean[0].float()
+    return Quantized(q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean)
+
+
+def block_mask_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, qz: Quantized, tau,
+                      bq=64, bk=32, window=128, scale=None, dense_below=0, dtype=torch.float32):
+    """SPEC §4 per sequence, ``[B, Hq, ceil(max_q/bq), ceil(max_k/bk)]`` bool; ``qz`` is
+    :func:`quantize_varlen`'s. A sequence with fewer than ``dense_below`` keys keeps every causal block."""
+    Hq = q.shape[1]
+    seqs = sequences(cu_seqlens_q, cu_seqlens_k)
+    mask = torch.zeros(len(seqs), Hq, -(-max_seqlen_q // bq), -(-max_seqlen_k // bk), dtype=torch.bool, device=q.device)
+    for b, (q0, q1, k0, k1) in enumerate(seqs):
+        nq, nk = q1 - q0, k1 - k0
+        if nq == 0:
+            continue
+        if nk < dense_below:
+            m = causal_blocks(nq, nk, bq, bk, q.device)
+        else:
+            one = Quantized(
+                qz.q_codes[:, q0:q1].unsqueeze(0), qz.q_scale[:, q0:q1].unsqueeze(0),
+                qz.k_codes[:, k0:k1].unsqueeze(0), qz.k_scale[:, k0:k1].unsqueeze(0),
+                qz.qk_bias[:, k0:k1].unsqueeze(0), qz.k_mean[b : b + 1],
+            )
+            m = block_mask(_seq(q, q0, q1), _seq(k, k0, k1), one, tau, bq, bk, window, scale, dtype)[0]
+        mask[b, :, : m.shape[-2], : m.shape[-1]] = m
+    return mask
+
+
+def block_sparse_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, mask, bq=64, bk=32, scale=None, causal=True,
+                                  dtype=torch.float32):
+    """SPEC §5 per sequence: ``out [total_q, Hq, D]`` (dtype of q), ``lse [Hq, total_q]`` fp32;
+    ``mask`` bool ``[B, Hq, >= nQ_b, >= nK_b]``."""
+    Tq, Hq, D = q.shape
+    out = torch.zeros(Tq, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.full((Hq, Tq), -math.inf, dtype=torch.float32, device=q.device)
+    for b, (q0, q1, k0, k1) in enumerate(sequences(cu_seqlens_q, cu_seqlens_k)):
+        nq, nk = q1 - q0, k1 - k0
+        if nq == 0 or nk == 0:
+            continue
+        mb = mask[b : b + 1, :, : -(-nq // bq), : -(-nk // bk)]
+        o, l = block_sparse_attention(_seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1), mb, bq, bk, scale, causal, dtype)
+        out[q0:q1], lse[:, q0:q1] = o[0].transpose(0, 1), l[0]
+    return out, lse
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, tau, bq=64, bk=32,
+                     window=128, scale=None, dense_below=0, dtype=torch.float32):
+    """SPEC §6 per sequence of a packed batch: ``(out [total_q, Hq, D], lse [Hq, total_q],
+    mask [B, Hq, ceil(max_q/bq), ceil(max_k/bk)])``; each sequence's part equals :func:`attention`
+    on that sequence alone."""
+    qz = quantize_varlen(q, k, cu_seqlens_q, cu_seqlens_k, bk, dtype)
+    mask = block_mask_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, qz, tau, bq, bk, window,
+                             scale, dense_below, dtype)
+    out, lse = block_sparse_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, mask, bq, bk, scale, True, dtype)
+    return out, lse, mask
+
+
+def block_density_varlen(mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, bq: int, bk: int):
+    """Kept blocks over causal blocks per ``[B, Hq]`` (fp32; 0 for a sequence without causal blocks)."""
+    causal = varlen_causal_blocks(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bq, bk).unsqueeze(1)
+    kept = (mask & causal).sum(dim=(-2, -1)).float()
+    return kept / causal.sum(dim=(-2, -1)).clamp(min=1).float()
