@@ -50,6 +50,31 @@ cudaError_t launch_scorer(const sale::BlockMaskParams& p, int which, bool bf16, 
   return sale::launch_block_mask_s8(p, bf16, D, nullptr);
 }
 constexpr const char* kScorerNames[2] = {"mma.sync s8", "int4 mma.sync s4"};
+
+// Host check of the nibble packing (no GPU needed): for every four codes in [-8, 7], nibble e of
+// pack_nibbles is code e as a 4-bit two's complement value, which is what the s4 MMA reads.
+bool packing_ok() {
+  for (uint32_t w = 0; w < (1u << 16); ++w) {
+    int codes[4];
+    uint32_t bytes = 0;
+    for (int e = 0; e < 4; ++e) {
+      codes[e] = int((w >> (4 * e)) & 15u) - 8;
+      bytes |= uint32_t(uint8_t(int8_t(codes[e]))) << (8 * e);
+    }
+    const uint32_t packed = sale::s4::pack_nibbles(bytes);
+    if (packed >> 16) return false;
+    for (int e = 0; e < 4; ++e) {
+      const int nibble = int((packed >> (4 * e)) & 15u);
+      if ((nibble >= 8 ? nibble - 16 : nibble) != codes[e]) {
+        std::printf("FAIL: packing codes (%d, %d, %d, %d) gave 0x%04x\n", codes[0], codes[1], codes[2], codes[3],
+                    packed);
+        return false;
+      }
+    }
+  }
+  std::printf("ok   nibble packing of all 65536 code quadruples\n");
+  return true;
+}
 #else
 // 0 = the mma.sync scorer, 1 = the wgmma scorer.
 cudaError_t launch_scorer(sale::BlockMaskParams p, int which, bool bf16, int D, uint8_t*) {
@@ -209,6 +234,9 @@ int run_case(const Case& c, int* near, int* candidates, bool* scorers_agree) {
 }  // namespace
 
 int main() {
+#ifdef SALE_TEST_SM8X
+  if (!packing_ok()) return 1;
+#endif
   if (sale_test::skip_unless_supported()) return sale_test::kSkip;
   const Case cases[] = {
       {true, 64, 32, 128, 1, 1, 4, 1, 1},      {false, 128, 32, 128, 1, 2, 3, 63, 63},
