@@ -3,7 +3,7 @@
 # compute_80 PTX: the *_sm8x kernel tests (built as PTX only) and the GPU-marked pytest suite with
 # SALE_OPS_FORCE_SM8X=1 (`pytest --sm8x`). Builds nothing: needs src/sale_ops/_C.so and the test
 # binaries (directory $SALE_TEST_BIN, default build-dev/cpp/tests) carried from the dev machine.
-# Usage: bash benchmarks/gpu_check_sm8x.sh [ctest|pytest|all] [extra pytest args]
+# Usage: bash benchmarks/gpu_check_sm8x.sh [ctest|pytest|all] [pytest paths/args, default: tests]
 # Logs under $OUT (device tool) or ./gpu-logs; exit status 0 only if every part passed.
 set -uo pipefail
 OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
@@ -25,7 +25,8 @@ if [ "$PART" = ctest ] || [ "$PART" = all ]; then
   done
 fi
 if [ "$PART" = pytest ] || [ "$PART" = all ]; then
-  python3 -m pytest -q -p no:cacheprovider --sm8x -m gpu tests "$@" 2>&1 | tee "$OUT/pytest_sm8x.txt"
+  [ $# -gt 0 ] || set -- tests
+  python3 -m pytest -q -p no:cacheprovider --sm8x -m gpu "$@" 2>&1 | tee "$OUT/pytest_sm8x.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 exit $status
