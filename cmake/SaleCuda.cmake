@@ -7,19 +7,50 @@
 set(SALE_CUDA_ARCHS "$ENV{SALE_CUDA_ARCHS}" CACHE STRING
   "CUDA architectures, CMake spelling (e.g. 90a or 80;86;89;90a)")
 if(SALE_CUDA_ARCHS STREQUAL "")
-  set_property(CACHE SALE_CUDA_ARCHS PROPERTY VALUE "90a")
+  set_property(CACHE SALE_CUDA_ARCHS PROPERTY VALUE "80;86;89;90a")
 endif()
-# Arch-specific targets (90a, 100a, ...) get SASS only ("-real"): their PTX
-# cannot be JIT-compiled for any other GPU, so embedding it only adds size.
-# (Use an explicit "90a-virtual" entry if PTX is ever wanted.)
-# Plain entries (80, 86, ...) keep CMake's default of SASS + PTX.
-set(CMAKE_CUDA_ARCHITECTURES "")
+# Sources are compiled per architecture set (issue 7), each set a CMake CUDA_ARCHITECTURES list:
+#   SALE_SM90_ARCHS  Hopper-only sources (wgmma, setmaxnreg): 90a SASS only. Arch-specific
+#                    targets get SASS only ("-real"): their PTX runs on no other GPU.
+#   SALE_SM8X_ARCHS  the sm8x sources (mma.sync, int4 tensor cores): SASS for every 8x entry plus
+#                    PTX of the lowest one, which the driver JIT-compiles on any later GPU (how
+#                    the sm8x path is tested on an H100, and what serves GPUs newer than sm_90).
+#   SALE_ALL_ARCHS   sources that run everywhere (quantize): the union, plus any other entries.
+# Two translation units of different sets never instantiate one kernel: the sm8x entries wrap
+# the headers they share with the Hopper entries in their own namespace (*_sm8x_cuda.cu).
+set(SALE_SM90_ARCHS "")
+set(SALE_SM8X_ARCHS "")
+set(SALE_ALL_ARCHS "")
+set(_sale_sm8x_ptx "")
 foreach(_arch IN LISTS SALE_CUDA_ARCHS)
-  if(_arch MATCHES "^[0-9]+a$")
-    set(_arch "${_arch}-real")
+  if(_arch STREQUAL "90a")
+    list(APPEND SALE_SM90_ARCHS "90a-real")
+    list(APPEND SALE_ALL_ARCHS "90a-real")
+  elseif(_arch MATCHES "^8[0-9]$")
+    list(APPEND SALE_SM8X_ARCHS "${_arch}-real")
+    list(APPEND SALE_ALL_ARCHS "${_arch}-real")
+    if(_sale_sm8x_ptx STREQUAL "" OR _arch LESS _sale_sm8x_ptx)
+      set(_sale_sm8x_ptx "${_arch}")
+    endif()
+  elseif(_arch MATCHES "^[0-9]+a$")
+    list(APPEND SALE_ALL_ARCHS "${_arch}-real")
+  else()
+    list(APPEND SALE_ALL_ARCHS "${_arch}")
   endif()
-  list(APPEND CMAKE_CUDA_ARCHITECTURES "${_arch}")
 endforeach()
+# SALE_SM8X_PTX_ARCHS: PTX only (the sm8x kernel tests: the driver JIT-compiles them on any 8.0+ GPU).
+set(SALE_SM8X_PTX_ARCHS "")
+if(NOT _sale_sm8x_ptx STREQUAL "")
+  set(SALE_SM8X_PTX_ARCHS "${_sale_sm8x_ptx}-virtual")
+  list(APPEND SALE_SM8X_ARCHS "${_sale_sm8x_ptx}-virtual")
+  list(APPEND SALE_ALL_ARCHS "${_sale_sm8x_ptx}-virtual")
+endif()
+if(SALE_SM90_ARCHS STREQUAL "")
+  message(FATAL_ERROR "sale_ops: SALE_CUDA_ARCHS is '${SALE_CUDA_ARCHS}'; it must contain 90a (the op entries "
+    "carry the Hopper kernels), e.g. 90a or 80;86;89;90a")
+endif()
+# The default for targets without their own set (project()'s compiler check, tools).
+set(CMAKE_CUDA_ARCHITECTURES ${SALE_ALL_ARCHS})
 
 # Returns the real toolkit root of an nvcc, which may be a symlink or a shell
 # wrapper (e.g. /usr/local/bin/nvcc doing `exec /usr/local/cuda-13.0/bin/nvcc`).
@@ -76,7 +107,8 @@ function(sale_cuda_setup)
   find_package(CUDAToolkit REQUIRED)
   message(STATUS "sale_ops: nvcc ${CMAKE_CUDA_COMPILER_VERSION} (${CMAKE_CUDA_COMPILER}), "
                  "toolkit ${CUDAToolkit_LIBRARY_ROOT}")
-  message(STATUS "sale_ops: CUDA architectures: ${CMAKE_CUDA_ARCHITECTURES}")
+  message(STATUS "sale_ops: CUDA architectures: ${SALE_CUDA_ARCHS} (Hopper sources: ${SALE_SM90_ARCHS}; "
+                 "sm8x sources: ${SALE_SM8X_ARCHS}; the rest: ${SALE_ALL_ARCHS})")
   if(SALE_CCACHE)
     message(STATUS "sale_ops: using ccache ${SALE_CCACHE}")
   endif()

@@ -124,8 +124,9 @@ def test_cuda_compile_reduce_overhead_matches_eager():
         want = f(q, k, v, tau)
         for _ in range(3):
             got = [t.clone() for t in compiled(q, k, v, tau)]
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+        torch.testing.assert_close(got[2], want[2])  # density: a float reduction inductor may reorder
 
 
 def test_cuda_export_matches_eager():

@@ -1,5 +1,7 @@
 // Kernel test of sale/block_mask.cuh (both candidate scorers) against a plain C++ host
-// implementation of SPEC §3-4, without libtorch. The quantized inputs are drawn directly (codes,
+// implementation of SPEC §3-4, without libtorch. Built twice: for sm_90a (the mma.sync and wgmma
+// scorers) and, with SALE_TEST_SM8X, as compute_80 PTX (the mma.sync and int4 scorers of the sm8x
+// path; block_mask_sm80.cuh), which later GPUs run through the driver's JIT. The quantized inputs are drawn directly (codes,
 // group scales, bias, key mean): the selection must be right for any of them. Exits 77 (CTest:
 // skipped) when there is no usable CUDA device.
 #include <cuda_bf16.h>
@@ -15,7 +17,11 @@
 #include <vector>
 
 #include "sale/block_mask.cuh"
+#ifdef SALE_TEST_SM8X
+#include "sale/block_mask_sm80.cuh"
+#else
 #include "sale/block_mask_sm90.cuh"
+#endif
 #include "test_common.cuh"
 
 
@@ -35,6 +41,48 @@ uint16_t to_bits(float x, bool bf16, float* rounded) {
   *rounded = sale_test::from_bits(u, !bf16);
   return u;
 }
+
+#ifdef SALE_TEST_SM8X
+// The two scorers of the sm8x build: 0 = the 8-bit mma.sync scorer, 1 = the int4 scorer.
+// k_packed: scratch for the packed key codes.
+cudaError_t launch_scorer(const sale::BlockMaskParams& p, int which, bool bf16, int D, uint8_t* k_packed) {
+  if (which == 1) return sale::launch_block_mask_s4(p, k_packed, bf16, D, nullptr);
+  return sale::launch_block_mask_s8(p, bf16, D, nullptr);
+}
+constexpr const char* kScorerNames[2] = {"mma.sync s8", "int4 mma.sync s4"};
+
+// Host check of the nibble packing (no GPU needed): for every four codes in [-8, 7], nibble e of
+// pack_nibbles is code e as a 4-bit two's complement value, which is what the s4 MMA reads.
+bool packing_ok() {
+  for (uint32_t w = 0; w < (1u << 16); ++w) {
+    int codes[4];
+    uint32_t bytes = 0;
+    for (int e = 0; e < 4; ++e) {
+      codes[e] = int((w >> (4 * e)) & 15u) - 8;
+      bytes |= uint32_t(uint8_t(int8_t(codes[e]))) << (8 * e);
+    }
+    const uint32_t packed = sale::s4::pack_nibbles(bytes);
+    if (packed >> 16) return false;
+    for (int e = 0; e < 4; ++e) {
+      const int nibble = int((packed >> (4 * e)) & 15u);
+      if ((nibble >= 8 ? nibble - 16 : nibble) != codes[e]) {
+        std::printf("FAIL: packing codes (%d, %d, %d, %d) gave 0x%04x\n", codes[0], codes[1], codes[2], codes[3],
+                    packed);
+        return false;
+      }
+    }
+  }
+  std::printf("ok   nibble packing of all 65536 code quadruples\n");
+  return true;
+}
+#else
+// 0 = the mma.sync scorer, 1 = the wgmma scorer.
+cudaError_t launch_scorer(sale::BlockMaskParams p, int which, bool bf16, int D, uint8_t*) {
+  p.use_wgmma = which == 1;
+  return sale::launch_block_mask(p, bf16, D, nullptr);
+}
+constexpr const char* kScorerNames[2] = {"mma.sync", "wgmma"};
+#endif
 
 // Returns the number of blocks that differ from the host reference beyond SPEC §7's near-tie
 // tolerance; near ties are counted in *near.
@@ -155,12 +203,13 @@ int run_case(const Case& c, int* near, int* candidates, bool* scorers_agree) {
   p.batch = c.b, p.q_heads = hq, p.kv_heads = c.hkv, p.nq = c.nq, p.nk = c.nk, p.bk = c.bk;
   p.window = c.window, p.nQ = nQ, p.nK = nK, p.nW = nW, p.scale = scale;
 
+  uint8_t* dpacked = nullptr;
+  CUDA_OK(cudaMalloc(&dpacked, kc.size() / 2 + 16));
   std::vector<uint8_t> got[2];
   int bad = 0;
   for (int w = 0; w < 2; ++w) {
-    p.use_wgmma = w == 1;
     CUDA_OK(cudaMemset(dbits, 0x55, words * sizeof(uint32_t)));  // poison: every word must be written
-    CUDA_OK(sale::launch_block_mask(p, c.bf16, D, nullptr));
+    CUDA_OK(launch_scorer(p, w, c.bf16, D, dpacked));
     CUDA_OK(cudaDeviceSynchronize());
     std::vector<uint32_t> bits(words);
     CUDA_OK(cudaMemcpy(bits.data(), dbits, words * sizeof(uint32_t), cudaMemcpyDeviceToHost));
@@ -173,6 +222,7 @@ int run_case(const Case& c, int* near, int* candidates, bool* scorers_agree) {
   *scorers_agree = got[0] == got[1];
   // One head: [B, 1, N, ...] is also the packed [B * N, 1, ...] of B sequences of equal length (per-row
   // buffers [1, B * N]), so the variable-length path (cu_seqlens) must keep exactly the same blocks.
+#ifndef SALE_TEST_SM8X  // packed batches have Hopper kernels only
   if (hq == 1) {
     std::vector<int> cu_q(c.b + 1), cu_k(c.b + 1);
     for (int b = 0; b <= c.b; ++b) cu_q[b] = b * c.nq, cu_k[b] = b * c.nk;
@@ -197,13 +247,14 @@ int run_case(const Case& c, int* near, int* candidates, bool* scorers_agree) {
     CUDA_OK(cudaFree(const_cast<int*>(pv.cu_seqlens_q)));
     CUDA_OK(cudaFree(const_cast<int*>(pv.cu_seqlens_k)));
   }
+#endif
   for (size_t i = 0; i < want.size(); ++i) {
     if (got[0][i] == want[i]) continue;
     if (std::fabs(margin[i]) <= 1e-3 * (1 + tmag[i])) ++*near;
     else ++bad;
   }
   for (void* ptr : {(void*)dq, (void*)dk, (void*)dqc, (void*)dkc, (void*)dqs, (void*)dks, (void*)dbias, (void*)dkm,
-                    (void*)dtau, (void*)dthr, (void*)dbits})
+                    (void*)dtau, (void*)dthr, (void*)dbits, (void*)dpacked})
     CUDA_OK(cudaFree(ptr));
   return bad;
 }
@@ -211,7 +262,10 @@ int run_case(const Case& c, int* near, int* candidates, bool* scorers_agree) {
 }  // namespace
 
 int main() {
-  if (sale_test::skip_unless_sm90()) return sale_test::kSkip;
+#ifdef SALE_TEST_SM8X
+  if (!packing_ok()) return 1;
+#endif
+  if (sale_test::skip_unless_supported()) return sale_test::kSkip;
   const Case cases[] = {
       {true, 64, 32, 128, 1, 1, 4, 1, 1},      {false, 128, 32, 128, 1, 2, 3, 63, 63},
       {true, 128, 32, 128, 2, 2, 4, 300, 300}, {false, 64, 64, 128, 1, 3, 1, 777, 1000},
@@ -228,9 +282,9 @@ int main() {
     const int bad = run_case(c, &near, &candidates, &agree);
     const bool ok = bad == 0 && agree && near <= std::max(1, candidates / 1000);
     std::printf("%s %s D=%d bk=%d W=%d B=%d Hkv=%d g=%d Nq=%d Nk=%d: %d candidates, %d beyond tolerance, "
-                "%d near ties, scorers %s\n",
+                "%d near ties, scorers (%s, %s) %s\n",
                 ok ? "ok  " : "FAIL", c.bf16 ? "bf16" : "fp16", c.D, c.bk, c.window, c.b, c.hkv, c.g, c.nq, c.nk,
-                candidates, bad, near, agree ? "agree" : "DIFFER");
+                candidates, bad, near, kScorerNames[0], kScorerNames[1], agree ? "agree" : "DIFFER");
     (ok ? passed : failed)++;
   }
   std::printf("%d passed, %d failed\n", passed, failed);

@@ -44,6 +44,36 @@ inline bool skip_unless_sm90() {
   return false;
 }
 
+// The sm8x builds of the tests (SALE_TEST_SM8X, compiled as compute_80 PTX only): true (after
+// printing why) when device 0 is older than 8.0. On later GPUs the driver JIT-compiles the PTX,
+// which is how an H100 checks the sm8x kernels.
+inline bool skip_unless_sm80_or_later() {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("SKIP: no CUDA device\n");
+    return true;
+  }
+  cudaDeviceProp prop{};
+  CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+  if (prop.major < 8) {
+    std::printf("SKIP: the sm8x kernels need compute capability 8.0+, device 0 is %d.%d (%s)\n", prop.major,
+                prop.minor, prop.name);
+    return true;
+  }
+  std::printf("device: %s (compute capability %d.%d; sm8x kernels from compute_80 PTX, JIT-compiled)\n", prop.name,
+              prop.major, prop.minor);
+  return false;
+}
+
+// The variant a test binary was built for: the sm_90a kernels, or (SALE_TEST_SM8X) the sm8x ones.
+inline bool skip_unless_supported() {
+#ifdef SALE_TEST_SM8X
+  return skip_unless_sm80_or_later();
+#else
+  return skip_unless_sm90();
+#endif
+}
+
 // Deterministic uniform numbers in [-1, 1) (a 64-bit LCG: same sequence on every machine).
 inline float uniform() {
   static uint64_t state = 0x9e3779b97f4a7c15ull;

@@ -214,7 +214,7 @@ bool run_case(const Case& c) {
 }  // namespace
 
 int main() {
-  if (sale_test::skip_unless_sm90()) return sale_test::kSkip;
+  if (sale_test::skip_unless_supported()) return sale_test::kSkip;
 
   std::vector<Case> cases;
   for (bool half : {false, true})

@@ -1,4 +1,5 @@
-// torch.ops.sale.block_mask on CUDA (sm_90a): the stable-ABI entry around cpp/sale/block_mask.cuh.
+// torch.ops.sale.block_mask on CUDA: the stable-ABI entry around cpp/sale/block_mask.cuh. This file's
+// kernels are sm_90a; on other GPUs the sm8x path (block_mask_sm8x_cuda.cu) serves (arch_dispatch.h).
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -11,7 +12,9 @@
 #include <cstdlib>
 #include <string>
 
+#include "arch_dispatch.h"
 #include "entry_utils.h"
+#include "sm8x_entries.h"
 #include "sale/block_mask.cuh"
 #include "sale/block_mask_sm90.cuh"
 
@@ -97,7 +100,15 @@ Tensor block_mask_bits_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, 
   // SALE_OPS_ESTIMATOR=mma selects the mma.sync scorer, which decides identically.
   const char* estimator = std::getenv("SALE_OPS_ESTIMATOR");
   p.use_wgmma = !(estimator && std::string(estimator) == "mma");
-  const cudaError_t err = sale::launch_block_mask(p, dt == ScalarType::BFloat16, int(D), stream);
+  cudaError_t err;
+  if (sale_entry::kernel_path(kOp, q.get_device_index()) == sale_entry::KernelPath::kSm8x) {
+    Tensor k_packed = torch::stable::new_empty(
+        q, {int64_t(sale_sm8x_entry::block_mask_s4_scratch_bytes(B, Hkv, Nk, D))}, ScalarType::Byte);
+    err = sale_sm8x_entry::launch_block_mask(&p, sizeof p, static_cast<uint8_t*>(k_packed.mutable_data_ptr()),
+                                             dt == ScalarType::BFloat16, int(D), stream);
+  } else {
+    err = sale::launch_block_mask(p, dt == ScalarType::BFloat16, int(D), stream);
+  }
   STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   return bits;
 }
@@ -111,10 +122,10 @@ Tensor block_mask_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tenso
   const int64_t B = bits.size(0), Hq = bits.size(1), nQ = bits.size(2), nW = bits.size(3);
   const int64_t nK = (k.size(2) + bk - 1) / bk;
   Tensor mask = torch::stable::new_empty(q, {B, Hq, nQ, nK}, ScalarType::Bool);
-  const cudaError_t err =
-      sale::launch_expand_mask(static_cast<const uint32_t*>(bits.const_data_ptr()),
-                               static_cast<bool*>(mask.mutable_data_ptr()), B * Hq * nQ, int(nK), int(nW),
-                               sale_entry::current_stream(q));
+  const bool sm8x = sale_entry::kernel_path(kOp, q.get_device_index()) == sale_entry::KernelPath::kSm8x;
+  const cudaError_t err = (sm8x ? sale_sm8x_entry::launch_expand_mask : sale::launch_expand_mask)(
+      static_cast<const uint32_t*>(bits.const_data_ptr()), static_cast<bool*>(mask.mutable_data_ptr()),
+      B * Hq * nQ, int(nK), int(nW), sale_entry::current_stream(q));
   STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   return mask;
 }
@@ -143,6 +154,10 @@ Tensor block_mask_bits_varlen_cuda(Tensor q, Tensor k, Tensor cu_q, Tensor cu_k,
                                    Tensor k_mean, Tensor tau, int64_t bq, int64_t bk, int64_t window, double scale,
                                    int64_t dense_below) {
   constexpr const char* kOp = "sale.block_mask_bits_varlen";
+  // Packed batches have Hopper kernels only so far; the sm8x path refuses them by name.
+  STD_TORCH_CHECK(sale_entry::kernel_path(kOp, q.get_device_index()) == sale_entry::KernelPath::kSm90, kOp,
+                  ": variable-length batches run on the Hopper kernels only (compute capability 9.0); the sm8x "
+                  "path (this GPU, or SALE_OPS_FORCE_SM8X=1) has no varlen kernels yet");
   const vl::Batch vb = vl::check_batch(kOp, q, k, cu_q, cu_k, max_q, max_k);
   vl::check_blocks(kOp, bq, bk);
   STD_TORCH_CHECK(window % bk == 0 && window >= bq, kOp, ": argument 'window' is ", window,

@@ -1,5 +1,6 @@
-// torch.ops.sale.block_sparse_attention on CUDA (sm_90a): the stable-ABI entry around
-// cpp/sale/block_sparse_attention.cuh.
+// torch.ops.sale.block_sparse_attention on CUDA: the stable-ABI entry around
+// cpp/sale/block_sparse_attention.cuh. This file's kernels are sm_90a; on other GPUs the sm8x path
+// (block_sparse_attention_sm8x_cuda.cu) serves (arch_dispatch.h).
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -12,7 +13,9 @@
 #include <string>
 #include <tuple>
 
+#include "arch_dispatch.h"
 #include "entry_utils.h"
+#include "sm8x_entries.h"
 #include "sale/block_sparse_attention.cuh"
 #include "sale/block_sparse_attention_sm90.cuh"
 
@@ -111,7 +114,10 @@ std::tuple<Tensor, Tensor> block_sparse_attention_cuda(Tensor q, Tensor k, Tenso
   const char* env = std::getenv("SALE_OPS_ATTENTION");
   const std::string choice = env ? env : "";
   cudaError_t err = cudaSuccess;
-  if (choice == "mma") {
+  if (sale_entry::kernel_path(kOp, q.get_device_index()) == sale_entry::KernelPath::kSm8x) {
+    // The sm8x path has the mma.sync kernel only (SPEC-exact P split; the switch is ignored).
+    err = sale_sm8x_entry::launch_block_sparse_attention(&p, sizeof p, is_bf16, int(D), int(bk), stream);
+  } else if (choice == "mma") {
     err = sale::launch_block_sparse_attention(p, is_bf16, int(D), int(bk), stream);
   } else {
     // Its P.V runs in fp16: bf16 V is converted first (a temporary of V's size), fp16 V is read as is.
@@ -150,6 +156,10 @@ std::tuple<Tensor, Tensor> block_sparse_attention_varlen_cuda(Tensor q, Tensor k
                                                               int64_t max_q, int64_t max_k, Tensor block_mask,
                                                               int64_t bq, int64_t bk, double scale, bool causal) {
   constexpr const char* kOp = "sale.block_sparse_attention_varlen";
+  // Packed batches have Hopper kernels only so far; the sm8x path refuses them by name.
+  STD_TORCH_CHECK(sale_entry::kernel_path(kOp, q.get_device_index()) == sale_entry::KernelPath::kSm90, kOp,
+                  ": variable-length batches run on the Hopper kernels only (compute capability 9.0); the sm8x "
+                  "path (this GPU, or SALE_OPS_FORCE_SM8X=1) has no varlen kernels yet");
   const vl::Batch vb = vl::check_batch(kOp, q, k, cu_q, cu_k, max_q, max_k);
   vl::check_packed(kOp, v, "v", q);
   for (int d = 0; d < 3; ++d)

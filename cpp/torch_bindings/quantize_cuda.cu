@@ -10,6 +10,7 @@
 #include <string>
 #include <tuple>
 
+#include "arch_dispatch.h"
 #include "entry_utils.h"
 #include "sale/quantize.cuh"
 
@@ -78,6 +79,8 @@ void check_args(const Tensor& q, const Tensor& k, int64_t bk) {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> quantize_cuda(Tensor q, Tensor k, int64_t bk) {
   check_args(q, k, bk);
+  // One kernel for every architecture; this refuses GPUs no path serves (before 8.0) by name.
+  sale_entry::kernel_path(kOp, q.get_device_index());
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2);
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());

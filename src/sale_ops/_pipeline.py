@@ -22,10 +22,11 @@ SELECTION_MEMORY_SHARE = 0.245
 
 
 def selection_bytes(batch: int, kv_heads: int, group: int, nq: int, nk: int, head_dim: int) -> int:
-    """Bytes of sale.quantize's outputs plus block_mask's row-threshold scratch for ``kv_heads`` kv
-    heads with ``group`` query heads each."""
+    """Bytes of sale.quantize's outputs plus block_mask's scratch (row thresholds; the key codes
+    packed two per byte, which only the sm8x path allocates) for ``kv_heads`` kv heads with
+    ``group`` query heads each."""
     q_side = group * nq * (head_dim + 4 + 4)  # q codes, q scales, row thresholds
-    k_side = nk * (head_dim + 4) + group * nk * 4 + head_dim * 4  # k codes, k scales, bias, k mean
+    k_side = nk * (head_dim + head_dim // 2 + 4) + group * nk * 4 + head_dim * 4  # k codes (+ packed), k scales, bias, k mean
     return batch * kv_heads * (q_side + k_side)
 
 

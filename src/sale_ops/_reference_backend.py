@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from . import _checks
+from . import _checks, _dispatch
 from . import reference as ref
 from .mask_bits import pack_block_mask, unpack_block_mask
 
@@ -114,18 +114,40 @@ def _block_sparse_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seql
 
 def backend_summary(device) -> str:
     """Which implementation serves the ``torch.ops.sale`` ops on ``device`` (for logs and demos)."""
-    kind = torch.device(device).type
-    if kind == "cpu":
+    device = torch.device(device)
+    if device.type == "cpu":
         return "PyTorch reference (sale_ops.reference) for every op"
+    if not torch.cuda.is_available():
+        return f"no CUDA device visible (CUDA kernels built for SALE_CUDA_ARCHS={';'.join(_dispatch.built_archs())})"
+    major, minor = torch.cuda.get_device_capability(device)
+    try:
+        path = _dispatch.kernel_path(device)
+    except RuntimeError as e:
+        return f"no CUDA kernels for this GPU: {e}"
     # The kernel variants the CUDA entries pick (environment switches read at each call).
-    variant = {
-        "block_mask": "mma.sync scorer" if os.environ.get("SALE_OPS_ESTIMATOR") == "mma" else "wgmma scorer",
-        "block_sparse_attention": "mma.sync" if os.environ.get("SALE_OPS_ATTENTION") == "mma" else "wgmma",
-    }
+    estimator_mma = os.environ.get("SALE_OPS_ESTIMATOR") == "mma"
+    if path == _dispatch.SM90:
+        where = "Hopper kernels, sm_90a"
+        variant = {
+            "block_mask": "mma.sync scorer" if estimator_mma else "wgmma scorer",
+            "block_sparse_attention": "mma.sync" if os.environ.get("SALE_OPS_ATTENTION") == "mma" else "wgmma",
+        }
+    else:
+        # 8.x runs the sm_80/86/89 SASS; anything later JIT-compiles the compute_80 PTX.
+        where = "sm8x kernels, " + (f"sm_{major}{minor} SASS" if major == 8 else f"compute_80 PTX JIT-compiled for {major}.{minor}")
+        if major == 9 and minor == 0:
+            where += f", {_dispatch.FORCE_SM8X_ENV}=1"
+        variant = {
+            "block_mask": "8-bit mma.sync scorer" if estimator_mma else "int4 mma.sync scorer",
+            "block_sparse_attention": "mma.sync",
+        }
     kernels = [
         f"{op} ({variant[op]})" if op in variant else op
         for op in ("quantize", "block_mask", "block_sparse_attention")
         if op not in REFERENCE_ON_CUDA
     ]
     reference = ", ".join(REFERENCE_ON_CUDA) or "none"
-    return f"CUDA kernels: {', '.join(kernels) or 'none'}; PyTorch reference on the GPU (correct, not fast): {reference}"
+    return (
+        f"CUDA kernels: {', '.join(kernels) or 'none'} [{where}]; "
+        f"PyTorch reference on the GPU (correct, not fast): {reference}"
+    )
