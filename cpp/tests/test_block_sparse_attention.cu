@@ -145,7 +145,18 @@ int run_case(const Case& c, Kernel kernel, std::mt19937& rng) {
     CUDA_OK(cudaMemcpy(lse2.data(), lse_d, lse.size() * sizeof(float), cudaMemcpyDeviceToHost));
     varlen_differs = std::memcmp(out2.data(), out.data(), out.size() * sizeof(T)) != 0 ||
                      std::memcmp(lse2.data(), lse.data(), lse.size() * sizeof(float)) != 0;
-    if (varlen_differs) std::printf("  the packed (cu_seqlens) path gives a different output\n");
+    if (varlen_differs) {
+      double d_out = 0, d_lse = 0;
+      size_t first = out.size();
+      for (size_t i = 0; i < out.size(); ++i) {
+        const double d = std::fabs(double(to_host_float(out2[i])) - double(to_host_float(out[i])));
+        if (d > 0 && first == out.size()) first = i;
+        d_out = d > d_out ? d : d_out;
+      }
+      for (size_t i = 0; i < lse.size(); ++i) d_lse = std::fmax(d_lse, std::fabs(double(lse2[i]) - double(lse[i])));
+      std::printf("  the packed (cu_seqlens) path gives a different output: max |out diff| %.3e (first at element "
+                  "%zu), max |lse diff| %.3e\n", d_out, first, d_lse);
+    }
     CUDA_OK(cudaFree(const_cast<int*>(pv.cu_seqlens_q)));
     CUDA_OK(cudaFree(const_cast<int*>(pv.cu_seqlens_k)));
   }
