@@ -182,3 +182,20 @@ def test_cuda_varlen_compile_fullgraph_and_graph_replay():
     q.copy_(q2), k.copy_(k2), v.copy_(v2), cu_q.copy_(cu_q2), cu_k.copy_(cu_k2)
     graph.replay()
     torch.testing.assert_close(out, sale_ops.attention_varlen(q2, k2, v2, cu_q2.cuda(), cu_k2.cuda(), 1500, 1500, tau))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_block_sparse_varlen_equal_chunks(dtype, d):
+    # The ctest case where the packed wgmma path differed from the batched one (fp16, D 64, bk 32,
+    # three chunks of 100 queries after 30 cached keys): bitwise equal to each sequence alone.
+    q_lens, k_lens = [100, 100, 100], [130, 130, 130]
+    seqs, (q, k, v, cu_q, cu_k) = make_batch(q_lens, k_lens, 1, 1, d, dtype=dtype, device="cuda", seed=5)
+    cu_q, cu_k = cu_q.cuda(), cu_k.cuda()
+    mask = torch.ones(3, 1, 2, 5, dtype=torch.bool, device="cuda")
+    for _ in range(3):
+        out, lse = torch.ops.sale.block_sparse_attention_varlen(q, k, v, cu_q, cu_k, 100, 130, mask, 64, 32, 0.125, True)
+        for b, (qs, ks, vs) in enumerate(seqs):
+            o, l = sale_ops.block_sparse_attention(qs, ks, vs, mask[b : b + 1], scale=0.125, return_lse=True)
+            torch.testing.assert_close(seq_part(out, cu_q, b), o, rtol=0, atol=0)
+            torch.testing.assert_close(lse[:, int(cu_q[b]) : int(cu_q[b + 1])], l[0], rtol=0, atol=0)
