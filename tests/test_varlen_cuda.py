@@ -95,9 +95,10 @@ def test_cuda_varlen_kernel_variants(monkeypatch, estimator, attention):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("packed_mask", [True, False])
-def test_cuda_block_sparse_varlen_random_masks(causal, packed_mask):
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 128), (torch.float16, 64), (torch.float16, 128)])
+def test_cuda_block_sparse_varlen_random_masks(causal, packed_mask, dtype, d):
     q_lens, k_lens = [700, 1, 130], [900, 1, 130]
-    seqs, (q, k, v, cu_q, cu_k) = make_batch(q_lens, k_lens, 4, 2, 128, device="cuda", seed=9)
+    seqs, (q, k, v, cu_q, cu_k) = make_batch(q_lens, k_lens, 4, 2, d, dtype=dtype, device="cuda", seed=9)
     cu_q, cu_k = cu_q.cuda(), cu_k.cuda()
     mask = torch.rand(3, 4, 11, 29, device="cuda") < 0.3
     mask[..., 0] = True
@@ -193,7 +194,9 @@ def test_cuda_block_sparse_varlen_equal_chunks(dtype, d):
     seqs, (q, k, v, cu_q, cu_k) = make_batch(q_lens, k_lens, 1, 1, d, dtype=dtype, device="cuda", seed=5)
     cu_q, cu_k = cu_q.cuda(), cu_k.cuda()
     mask = torch.ones(3, 1, 2, 5, dtype=torch.bool, device="cuda")
-    for _ in range(3):
+    sparse = torch.rand(3, 1, 2, 5, generator=torch.Generator().manual_seed(1)).cuda() < 0.4
+    sparse[..., 0] = True
+    for mask in (mask, sparse):
         out, lse = torch.ops.sale.block_sparse_attention_varlen(q, k, v, cu_q, cu_k, 100, 130, mask, 64, 32, 0.125, True)
         for b, (qs, ks, vs) in enumerate(seqs):
             o, l = sale_ops.block_sparse_attention(qs, ks, vs, mask[b : b + 1], scale=0.125, return_lse=True)
