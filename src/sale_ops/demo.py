@@ -42,6 +42,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seq-len", type=int, default=None, help="default: 16384 on a GPU, 2048 on the CPU")
+    p.add_argument("--dense-below", type=int, default=0,
+                   help="keys below which the op computes densely (the library's default is "
+                        "sale_ops.DEFAULT_DENSE_BELOW); 0, the default here, shows SALE at any length")
     p.add_argument("--heads", type=int, default=None, help="query heads (default: 32 GPU, 8 CPU)")
     p.add_argument("--kv-heads", type=int, default=None, help="kv heads (default: 8 GPU, 2 CPU)")
     p.add_argument("--head-dim", type=int, default=None, choices=[64, 128], help="default: 128 GPU, 64 CPU")
@@ -70,7 +73,7 @@ def main(argv=None) -> None:
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
     def sale():
-        return sale_ops.attention(q, k, v, a.tau, return_block_mask=True)
+        return sale_ops.attention(q, k, v, a.tau, dense_below=a.dense_below, return_block_mask=True)
 
     ref_out, t_dense = _timed(dense, device, a.repeats)
     res, t_sale = _timed(sale, device, a.repeats)
