@@ -304,6 +304,42 @@ __device__ __forceinline__ float exact_logit_units(int32_t acc, float bias, floa
   return float(acc - biased_bias(bias, rd)) + rintf(__fdiv_rn(bias, d));
 }
 
+// The kept test of one candidate block in the mma.sync scorers (8-bit: candidate_kernel; int4:
+// block_mask_sm80.cuh): acc = E + b~ of the warp's two m16 tiles, bj = this thread's column biases
+// (column (nt, c) at bj[nt * 8 + c]), d = sq * sk per tile. The approximate test first; blocks some
+// thread is unsure about are decided again exactly. Returns the warp's verdict.
+template <int kTiles>
+__device__ __forceinline__ bool decide_block_mma(const int32_t (&acc)[2][kTiles][4], const float* bj,
+                                                 const float (&d)[2], const float (&rd)[2],
+                                                 const float (&thr)[2][2]) {
+  bool hit = false, unsure = false;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+    int32_t best[2] = {acc[mt][0][0], acc[mt][0][2]};
+#pragma unroll
+    for (int nt = 0; nt < kTiles; ++nt) {
+      best[0] = max3(best[0], acc[mt][nt][0], acc[mt][nt][1]);
+      best[1] = max3(best[1], acc[mt][nt][2], acc[mt][nt][3]);
+    }
+    approx_decide(best, d[mt], thr[mt], hit, unsure);
+  }
+  if (__any_sync(0xffffffffu, unsure) && unsure) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      float exact[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int nt = 0; nt < kTiles; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          exact[0] = fmaxf(exact[0], exact_logit_units(acc[mt][nt][c], bj[nt * 8 + c], d[mt], rd[mt]));
+          exact[1] = fmaxf(exact[1], exact_logit_units(acc[mt][nt][2 + c], bj[nt * 8 + c], d[mt], rd[mt]));
+        }
+      hit |= exact[0] * d[mt] > thr[mt][0] || exact[1] * d[mt] > thr[mt][1];
+    }
+  }
+  return __any_sync(0xffffffffu, hit);
+}
+
 // Per warp: the kept bits of the current 32-block word, flushed with one atomicOr per word.
 struct KeptBits {
   uint32_t bits = 0;
@@ -445,32 +481,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
         }
       }
     }
-    bool hit = false, unsure = false;
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      int32_t best[2] = {acc[mt][0][0], acc[mt][0][2]};
-#pragma unroll
-      for (int nt = 0; nt < kTiles; ++nt) {
-        best[0] = max3(best[0], acc[mt][nt][0], acc[mt][nt][1]);
-        best[1] = max3(best[1], acc[mt][nt][2], acc[mt][nt][3]);
-      }
-      approx_decide(best, d[mt], thr[mt], hit, unsure);
-    }
-    if (__any_sync(0xffffffffu, unsure) && unsure) {
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        float exact[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int nt = 0; nt < kTiles; ++nt)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            exact[0] = fmaxf(exact[0], exact_logit_units(acc[mt][nt][c], bj[nt * 8 + c], d[mt], rd[mt]));
-            exact[1] = fmaxf(exact[1], exact_logit_units(acc[mt][nt][2 + c], bj[nt * 8 + c], d[mt], rd[mt]));
-          }
-        hit |= exact[0] * d[mt] > thr[mt][0] || exact[1] * d[mt] > thr[mt][1];
-      }
-    }
-    kept.add(__any_sync(0xffffffffu, hit), n, 1, n_end, words, lane);
+    kept.add(decide_block_mma(acc, bj, d, rd, thr), n, 1, n_end, words, lane);
   }
 }
 

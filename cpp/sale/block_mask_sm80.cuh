@@ -199,32 +199,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS)
       }
     }
     // The decision, exactly as candidate_kernel makes it.
-    bool hit = false, unsure = false;
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      int32_t best[2] = {acc[mt][0][0], acc[mt][0][2]};
-#pragma unroll
-      for (int nt = 0; nt < kTiles; ++nt) {
-        best[0] = max3(best[0], acc[mt][nt][0], acc[mt][nt][1]);
-        best[1] = max3(best[1], acc[mt][nt][2], acc[mt][nt][3]);
-      }
-      approx_decide(best, d[mt], thr[mt], hit, unsure);
-    }
-    if (__any_sync(0xffffffffu, unsure) && unsure) {
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        float exact[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int nt = 0; nt < kTiles; ++nt)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            exact[0] = fmaxf(exact[0], exact_logit_units(acc[mt][nt][c], bj[nt * 8 + c], d[mt], rd[mt]));
-            exact[1] = fmaxf(exact[1], exact_logit_units(acc[mt][nt][2 + c], bj[nt * 8 + c], d[mt], rd[mt]));
-          }
-        hit |= exact[0] * d[mt] > thr[mt][0] || exact[1] * d[mt] > thr[mt][1];
-      }
-    }
-    kept.add(__any_sync(0xffffffffu, hit), n, 1, n_end, words, lane);
+    kept.add(decide_block_mma(acc, bj, d, rd, thr), n, 1, n_end, words, lane);
   }
 }
 

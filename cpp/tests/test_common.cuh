@@ -26,16 +26,22 @@ namespace sale_test {
 // ctest's SKIP_RETURN_CODE for these tests.
 constexpr int kSkip = 77;
 
-// True (after printing why) when device 0 cannot run the sm_90a kernels: the test should return
-// kSkip. Otherwise prints the device's name.
-inline bool skip_unless_sm90() {
+// Device 0's properties; false (after printing why) when there is no CUDA device.
+inline bool device0(cudaDeviceProp& prop) {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
     std::printf("SKIP: no CUDA device\n");
-    return true;
+    return false;
   }
-  cudaDeviceProp prop{};
   CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+  return true;
+}
+
+// True (after printing why) when device 0 cannot run the sm_90a kernels: the test should return
+// kSkip. Otherwise prints the device's name.
+inline bool skip_unless_sm90() {
+  cudaDeviceProp prop{};
+  if (!device0(prop)) return true;
   if (prop.major != 9 || prop.minor != 0) {
     std::printf("SKIP: the kernels are built for sm_90a, device 0 is sm_%d%d (%s)\n", prop.major, prop.minor, prop.name);
     return true;
@@ -48,13 +54,8 @@ inline bool skip_unless_sm90() {
 // printing why) when device 0 is older than 8.0. On later GPUs the driver JIT-compiles the PTX,
 // which is how an H100 checks the sm8x kernels.
 inline bool skip_unless_sm80_or_later() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("SKIP: no CUDA device\n");
-    return true;
-  }
   cudaDeviceProp prop{};
-  CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+  if (!device0(prop)) return true;
   if (prop.major < 8) {
     std::printf("SKIP: the sm8x kernels need compute capability 8.0+, device 0 is %d.%d (%s)\n", prop.major,
                 prop.minor, prop.name);

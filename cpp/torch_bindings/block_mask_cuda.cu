@@ -35,6 +35,28 @@ void check_cuda_tensor(const Tensor& t, const char* name, ScalarType dtype, int6
 
 // The bit-packed mask [B, Hq, nQ, ceil(nK / 32)] (int32 words; bit n % 32 of word n / 32 is key
 // block n), written by the kernels of cpp/sale/block_mask.cuh.
+// The quantized inputs, thresholds and outputs of a selection (both entries).
+void set_selection_tensors(sale::BlockMaskParams& p, const Tensor& q_codes, const Tensor& q_scale,
+                           const Tensor& k_codes, const Tensor& k_scale, const Tensor& qk_bias, const Tensor& k_mean,
+                           const Tensor& tau, Tensor& threshold, Tensor& bits) {
+  p.q_codes = static_cast<const int8_t*>(q_codes.const_data_ptr());
+  p.q_scale = static_cast<const float*>(q_scale.const_data_ptr());
+  p.k_codes = static_cast<const int8_t*>(k_codes.const_data_ptr());
+  p.k_scale = static_cast<const float*>(k_scale.const_data_ptr());
+  p.qk_bias = static_cast<const float*>(qk_bias.const_data_ptr());
+  p.k_mean = static_cast<const float*>(k_mean.const_data_ptr());
+  p.tau = static_cast<const float*>(tau.const_data_ptr());
+  p.row_threshold = static_cast<float*>(threshold.mutable_data_ptr());
+  p.mask_bits = static_cast<uint32_t*>(bits.mutable_data_ptr());
+}
+
+// The warp-specialised wgmma scorer is the default (faster, benchmarks/RESULTS.md);
+// SALE_OPS_ESTIMATOR=mma selects the mma.sync scorer, which decides identically.
+bool wgmma_estimator() {
+  const char* estimator = std::getenv("SALE_OPS_ESTIMATOR");
+  return !(estimator && std::string(estimator) == "mma");
+}
+
 Tensor block_mask_bits_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tensor k_codes, Tensor k_scale,
                             Tensor qk_bias, Tensor k_mean, Tensor tau, int64_t bq, int64_t bk, int64_t window,
                             double scale) {
@@ -84,22 +106,11 @@ Tensor block_mask_bits_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, 
   p.k = k.const_data_ptr();
   p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
   p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
-  p.q_codes = static_cast<const int8_t*>(q_codes.const_data_ptr());
-  p.q_scale = static_cast<const float*>(q_scale.const_data_ptr());
-  p.k_codes = static_cast<const int8_t*>(k_codes.const_data_ptr());
-  p.k_scale = static_cast<const float*>(k_scale.const_data_ptr());
-  p.qk_bias = static_cast<const float*>(qk_bias.const_data_ptr());
-  p.k_mean = static_cast<const float*>(k_mean.const_data_ptr());
-  p.tau = static_cast<const float*>(tau.const_data_ptr());
-  p.row_threshold = static_cast<float*>(threshold.mutable_data_ptr());
-  p.mask_bits = static_cast<uint32_t*>(bits.mutable_data_ptr());
+  set_selection_tensors(p, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, threshold, bits);
   p.batch = int(B), p.q_heads = int(Hq), p.kv_heads = int(Hkv), p.nq = int(Nq), p.nk = int(Nk);
   p.bk = int(bk), p.window = int(window), p.nQ = int(nQ), p.nK = int(nK), p.nW = int(nW);
   p.scale = float(scale);
-  // The warp-specialised wgmma scorer is the default (faster, benchmarks/RESULTS.md);
-  // SALE_OPS_ESTIMATOR=mma selects the mma.sync scorer, which decides identically.
-  const char* estimator = std::getenv("SALE_OPS_ESTIMATOR");
-  p.use_wgmma = !(estimator && std::string(estimator) == "mma");
+  p.use_wgmma = wgmma_estimator();
   cudaError_t err;
   if (sale_entry::kernel_path(kOp, q.get_device_index()) == sale_entry::KernelPath::kSm8x) {
     Tensor k_packed = torch::stable::new_empty(
@@ -185,23 +196,14 @@ Tensor block_mask_bits_varlen_cuda(Tensor q, Tensor k, Tensor cu_q, Tensor cu_k,
   p.k = k.const_data_ptr();
   p.q_batch_stride = 0, p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(0);
   p.k_batch_stride = 0, p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(0);
-  p.q_codes = static_cast<const int8_t*>(q_codes.const_data_ptr());
-  p.q_scale = static_cast<const float*>(q_scale.const_data_ptr());
-  p.k_codes = static_cast<const int8_t*>(k_codes.const_data_ptr());
-  p.k_scale = static_cast<const float*>(k_scale.const_data_ptr());
-  p.qk_bias = static_cast<const float*>(qk_bias.const_data_ptr());
-  p.k_mean = static_cast<const float*>(k_mean.const_data_ptr());
-  p.tau = static_cast<const float*>(tau.const_data_ptr());
-  p.row_threshold = static_cast<float*>(threshold.mutable_data_ptr());
-  p.mask_bits = static_cast<uint32_t*>(bits.mutable_data_ptr());
+  set_selection_tensors(p, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, threshold, bits);
   p.batch = int(vb.batch), p.q_heads = int(Hq), p.kv_heads = int(Hkv), p.nq = int(max_q), p.nk = int(max_k);
   p.bk = int(bk), p.window = int(window), p.nQ = int(nQ), p.nK = int(nK), p.nW = int(nW);
   p.scale = float(scale);
   p.cu_seqlens_q = vb.cu_q, p.cu_seqlens_k = vb.cu_k;
   p.total_q = Tq, p.total_k = Tk;
   p.dense_below = int(std::min<int64_t>(std::max<int64_t>(dense_below, 0), vl::kMaxRows + 1));
-  const char* estimator = std::getenv("SALE_OPS_ESTIMATOR");  // as sale.block_mask_bits
-  p.use_wgmma = !(estimator && std::string(estimator) == "mma");
+  p.use_wgmma = wgmma_estimator();
   const cudaError_t err = sale::launch_block_mask(p, q.scalar_type() == ScalarType::BFloat16, int(D), stream);
   STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   return bits;

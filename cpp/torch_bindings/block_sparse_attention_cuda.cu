@@ -27,6 +27,40 @@ using torch::stable::Tensor;
 constexpr const char* kOp = "sale.block_sparse_attention";
 constexpr int64_t kMaxLen = int64_t(1) << 30;  // key/row indices are int in the kernel
 
+// The Hopper launch of both entries. The wgmma kernel is the default; SALE_OPS_ATTENTION=mma selects
+// the mma.sync kernel (the sm80-style path, slower on Hopper), SALE_OPS_ATTENTION=fast the wgmma
+// kernel with P rounded once (bf16 only: faster, but outside SPEC §7's elementwise bound in rare
+// elements for large V). The wgmma kernel's P.V runs in fp16: bf16 V is converted first into a
+// temporary of V's size, [batches, Hkv, nk, D] (packed: one "batch" holding every sequence's rows,
+// which keep their offsets); fp16 V is read as is.
+cudaError_t launch_hopper(const char* op, sale::BlockSparseAttentionParams p, const Tensor& q, const Tensor& v,
+                          bool packed, int64_t batches, int64_t nk, bool is_bf16, int64_t D, int64_t bk,
+                          cudaStream_t stream) {
+  const char* env = std::getenv("SALE_OPS_ATTENTION");
+  const std::string choice = env ? env : "";
+  if (choice == "mma") return sale::launch_block_sparse_attention(p, is_bf16, int(D), int(bk), stream);
+  const unsigned* v_amax_bits = nullptr;
+  Tensor v_half, amax;
+  if (is_bf16 && nk > 0) {
+    const int64_t Hkv = p.kv_heads;
+    v_half = torch::stable::new_empty(q, {batches, Hkv, nk, D}, ScalarType::Half);
+    amax = torch::stable::new_empty(q, {1}, ScalarType::Int);
+    sale::ConvertVParams cv{};
+    cv.v = static_cast<const __nv_bfloat16*>(v.const_data_ptr());
+    cv.batch_stride = packed ? 0 : v.stride(0), cv.head_stride = v.stride(1), cv.row_stride = v.stride(packed ? 0 : 2);
+    cv.heads = int(Hkv), cv.nk = int(nk), cv.d = int(D);
+    cv.out = static_cast<__half*>(v_half.mutable_data_ptr());
+    cv.amax_bits = static_cast<unsigned*>(amax.mutable_data_ptr());
+    cv.rows = batches * Hkv * nk;
+    const cudaError_t err = sale::launch_convert_v(cv, sale_entry::sm_count(q), stream);
+    STD_TORCH_CHECK(err == cudaSuccess, op, ": V conversion launch failed: ", cudaGetErrorString(err));
+    p.v = cv.out;
+    p.v_batch_stride = packed ? 0 : Hkv * nk * D, p.v_head_stride = nk * D, p.v_row_stride = D;
+    v_amax_bits = cv.amax_bits;
+  }
+  return sale::launch_block_sparse_attention_sm90(p, v_amax_bits, is_bf16, int(D), int(bk), choice == "fast", stream);
+}
+
 void check_cuda_tensor(const Tensor& t, const char* name, const Tensor& like) {
   STD_TORCH_CHECK(t.is_cuda(), kOp, ": argument '", name, "' must be a CUDA tensor");
   STD_TORCH_CHECK(t.get_device_index() == like.get_device_index(), kOp, ": argument '", name,
@@ -108,38 +142,12 @@ std::tuple<Tensor, Tensor> block_sparse_attention_cuda(Tensor q, Tensor k, Tenso
   p.scale = float(scale);
   p.causal = causal;
   const bool is_bf16 = dt == ScalarType::BFloat16;
-  // The wgmma kernel is the default; SALE_OPS_ATTENTION=mma selects the mma.sync kernel (the
-  // sm80-style path, slower on Hopper), SALE_OPS_ATTENTION=fast the wgmma kernel with P rounded
-  // once (bf16 only: faster, but outside SPEC §7's elementwise bound in rare elements for large V).
-  const char* env = std::getenv("SALE_OPS_ATTENTION");
-  const std::string choice = env ? env : "";
-  cudaError_t err = cudaSuccess;
+  cudaError_t err;
   if (sale_entry::kernel_path(kOp, q.get_device_index()) == sale_entry::KernelPath::kSm8x) {
     // The sm8x path has the mma.sync kernel only (SPEC-exact P split; the switch is ignored).
     err = sale_sm8x_entry::launch_block_sparse_attention(&p, sizeof p, is_bf16, int(D), int(bk), stream);
-  } else if (choice == "mma") {
-    err = sale::launch_block_sparse_attention(p, is_bf16, int(D), int(bk), stream);
   } else {
-    // Its P.V runs in fp16: bf16 V is converted first (a temporary of V's size), fp16 V is read as is.
-    const unsigned* v_amax_bits = nullptr;
-    Tensor v_half, amax;
-    if (is_bf16) {
-      v_half = torch::stable::new_empty(q, {B, Hkv, Nk, D}, ScalarType::Half);
-      amax = torch::stable::new_empty(q, {1}, ScalarType::Int);
-      sale::ConvertVParams cv{};
-      cv.v = static_cast<const __nv_bfloat16*>(v.const_data_ptr());
-      cv.batch_stride = v.stride(0), cv.head_stride = v.stride(1), cv.row_stride = v.stride(2);
-      cv.heads = int(Hkv), cv.nk = int(Nk), cv.d = int(D);
-      cv.out = static_cast<__half*>(v_half.mutable_data_ptr());
-      cv.amax_bits = static_cast<unsigned*>(amax.mutable_data_ptr());
-      cv.rows = B * Hkv * Nk;
-      err = sale::launch_convert_v(cv, sale_entry::sm_count(q), stream);
-      STD_TORCH_CHECK(err == cudaSuccess, kOp, ": V conversion launch failed: ", cudaGetErrorString(err));
-      p.v = cv.out;
-      p.v_batch_stride = Hkv * Nk * D, p.v_head_stride = Nk * D, p.v_row_stride = D;
-      v_amax_bits = cv.amax_bits;
-    }
-    err = sale::launch_block_sparse_attention_sm90(p, v_amax_bits, is_bf16, int(D), int(bk), choice == "fast", stream);
+    err = launch_hopper(kOp, p, q, v, false, B, Nk, is_bf16, D, bk, stream);
   }
   STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   return std::make_tuple(out, lse);
@@ -206,33 +214,7 @@ std::tuple<Tensor, Tensor> block_sparse_attention_varlen_cuda(Tensor q, Tensor k
   p.cu_seqlens_q = vb.cu_q, p.cu_seqlens_k = vb.cu_k;
   p.total_q = Tq;
   const bool is_bf16 = q.scalar_type() == ScalarType::BFloat16;
-  const char* env = std::getenv("SALE_OPS_ATTENTION");  // as sale.block_sparse_attention
-  const std::string choice = env ? env : "";
-  cudaError_t err = cudaSuccess;
-  if (choice == "mma") {
-    err = sale::launch_block_sparse_attention(p, is_bf16, int(D), int(bk), stream);
-  } else {
-    // bf16 V becomes an fp16 copy [Hkv, Tk, D] (one "batch" of Tk rows; sequences keep their rows).
-    const unsigned* v_amax_bits = nullptr;
-    Tensor v_half, amax;
-    if (is_bf16 && Tk > 0) {
-      v_half = torch::stable::new_empty(q, {Hkv, Tk, D}, ScalarType::Half);
-      amax = torch::stable::new_empty(q, {1}, ScalarType::Int);
-      sale::ConvertVParams cv{};
-      cv.v = static_cast<const __nv_bfloat16*>(v.const_data_ptr());
-      cv.batch_stride = 0, cv.head_stride = v.stride(1), cv.row_stride = v.stride(0);
-      cv.heads = int(Hkv), cv.nk = int(Tk), cv.d = int(D);
-      cv.out = static_cast<__half*>(v_half.mutable_data_ptr());
-      cv.amax_bits = static_cast<unsigned*>(amax.mutable_data_ptr());
-      cv.rows = Hkv * Tk;
-      err = sale::launch_convert_v(cv, sale_entry::sm_count(q), stream);
-      STD_TORCH_CHECK(err == cudaSuccess, kOp, ": V conversion launch failed: ", cudaGetErrorString(err));
-      p.v = cv.out;
-      p.v_batch_stride = 0, p.v_head_stride = Tk * D, p.v_row_stride = D;
-      v_amax_bits = cv.amax_bits;
-    }
-    err = sale::launch_block_sparse_attention_sm90(p, v_amax_bits, is_bf16, int(D), int(bk), choice == "fast", stream);
-  }
+  const cudaError_t err = launch_hopper(kOp, p, q, v, true, 1, Tk, is_bf16, D, bk, stream);
   STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   return std::make_tuple(out, lse);
 }

@@ -77,6 +77,29 @@ void check_args(const Tensor& q, const Tensor& k, int64_t bk) {
   STD_TORCH_CHECK(bk == 32 || bk == 64, kOp, ": argument 'bk' is ", bk, "; supported: 32, 64");
 }
 
+// Output pointers of sale.quantize(_varlen) (both entries).
+void set_outputs(sale::QuantizeParams& p, Tensor& q_codes, Tensor& q_scale, Tensor& k_codes, Tensor& k_scale,
+                 Tensor& qk_bias, Tensor& k_mean) {
+  p.q_codes = static_cast<int8_t*>(q_codes.mutable_data_ptr());
+  p.q_scale = static_cast<float*>(q_scale.mutable_data_ptr());
+  p.k_codes = static_cast<int8_t*>(k_codes.mutable_data_ptr());
+  p.k_scale = static_cast<float*>(k_scale.mutable_data_ptr());
+  p.qk_bias = static_cast<float*>(qk_bias.mutable_data_ptr());
+  p.k_mean = static_cast<float*>(k_mean.mutable_data_ptr());
+}
+
+// Scratch from the caching allocator (stream-ordered, capture-safe, freed when this returns), then
+// the kernels (both entries).
+void launch(const char* op, sale::QuantizeParams& p, const Tensor& q) {
+  const sale::QuantizeWorkspace ws = sale::quantize_workspace(p);
+  Tensor partial = torch::stable::new_empty(q, {ws.partial_doubles}, ScalarType::Double);
+  Tensor q_mean = torch::stable::new_empty(q, {ws.q_mean_floats}, ScalarType::Float);
+  p.partial = static_cast<double*>(partial.mutable_data_ptr());
+  p.q_mean = static_cast<float*>(q_mean.mutable_data_ptr());
+  const cudaError_t err = sale::launch_quantize(p, sale_entry::current_stream(q));
+  STD_TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> quantize_cuda(Tensor q, Tensor k, int64_t bk) {
   check_args(q, k, bk);
   // One kernel for every architecture; this refuses GPUs no path serves (before 8.0) by name.
@@ -101,23 +124,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> quantize_cuda(Tensor 
   p.q_stride_b = q.stride(0), p.q_stride_h = q.stride(1), p.q_stride_n = q.stride(2);
   p.k_stride_b = k.stride(0), p.k_stride_h = k.stride(1), p.k_stride_n = k.stride(2);
   p.bk = static_cast<int>(bk);
-  p.q_codes = static_cast<int8_t*>(q_codes.mutable_data_ptr());
-  p.q_scale = static_cast<float*>(q_scale.mutable_data_ptr());
-  p.k_codes = static_cast<int8_t*>(k_codes.mutable_data_ptr());
-  p.k_scale = static_cast<float*>(k_scale.mutable_data_ptr());
-  p.qk_bias = static_cast<float*>(qk_bias.mutable_data_ptr());
-  p.k_mean = static_cast<float*>(k_mean.mutable_data_ptr());
+  set_outputs(p, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean);
   if (B * (Hq + Hkv) == 0) return {q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean};
 
-  // Scratch from the caching allocator (stream-ordered, capture-safe), freed when this returns.
-  const sale::QuantizeWorkspace ws = sale::quantize_workspace(p);
-  Tensor partial = new_empty(q, {ws.partial_doubles}, ScalarType::Double);
-  Tensor q_mean = new_empty(q, {ws.q_mean_floats}, ScalarType::Float);
-  p.partial = static_cast<double*>(partial.mutable_data_ptr());
-  p.q_mean = static_cast<float*>(q_mean.mutable_data_ptr());
-
-  const cudaError_t err = sale::launch_quantize(p, sale_entry::current_stream(q));
-  STD_TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+  launch(kOp, p, q);
   return {q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean};
 }
 
@@ -154,23 +164,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> quantize_varlen_cuda(
   p.q_stride_b = 0, p.q_stride_h = q.stride(1), p.q_stride_n = q.stride(0);
   p.k_stride_b = 0, p.k_stride_h = k.stride(1), p.k_stride_n = k.stride(0);
   p.bk = static_cast<int>(bk);
-  p.q_codes = static_cast<int8_t*>(q_codes.mutable_data_ptr());
-  p.q_scale = static_cast<float*>(q_scale.mutable_data_ptr());
-  p.k_codes = static_cast<int8_t*>(k_codes.mutable_data_ptr());
-  p.k_scale = static_cast<float*>(k_scale.mutable_data_ptr());
-  p.qk_bias = static_cast<float*>(qk_bias.mutable_data_ptr());
-  p.k_mean = static_cast<float*>(k_mean.mutable_data_ptr());
+  set_outputs(p, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean);
   p.cu_seqlens_q = vb.cu_q, p.cu_seqlens_k = vb.cu_k;
   p.total_q = Tq, p.total_k = Tk;
 
-  const sale::QuantizeWorkspace ws = sale::quantize_workspace(p);
-  Tensor partial = new_empty(q, {ws.partial_doubles}, ScalarType::Double);
-  Tensor q_mean = new_empty(q, {ws.q_mean_floats}, ScalarType::Float);
-  p.partial = static_cast<double*>(partial.mutable_data_ptr());
-  p.q_mean = static_cast<float*>(q_mean.mutable_data_ptr());
-
-  const cudaError_t err = sale::launch_quantize(p, sale_entry::current_stream(q));
-  STD_TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+  launch(kOp, p, q);
   return {q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean};
 }
 

@@ -172,6 +172,11 @@ def check_quantized(op: str, q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, 
         "qk_bias": (qk_bias, torch.float32, (B, Hq, Nk)),
         "k_mean": (k_mean, torch.float32, (B, Hkv, D)),
     }
+    _check_expected(op, q, expected)
+
+
+def _check_expected(op: str, q, expected: dict) -> None:
+    """Each ``name: (tensor, dtype, shape)``: a tensor on q's device with that dtype and shape."""
     for name, (t, dtype, shape) in expected.items():
         check_tensor(op, name, t, len(shape))
         check_same_device(op, q=q, **{name: t})
@@ -319,12 +324,7 @@ def check_quantized_varlen(op: str, q, k, batch, q_codes, q_scale, k_codes, k_sc
         "qk_bias": (qk_bias, torch.float32, (Hq, Tk)),
         "k_mean": (k_mean, torch.float32, (batch, Hkv, D)),
     }
-    for name, (t, dtype, shape) in expected.items():
-        check_tensor(op, name, t, len(shape))
-        check_same_device(op, q=q, **{name: t})
-        check_dtype(op, name, t, (dtype,))
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{op}: argument '{name}' must have shape {shape}, got {tuple(t.shape)}")
+    _check_expected(op, q, expected)
 
 
 def varlen_mask_shape(batch, hq, max_seqlen_q, max_seqlen_k, bq, bk, packed: bool):
