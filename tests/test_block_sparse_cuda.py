@@ -101,6 +101,22 @@ def test_long_sequences(b, hq, hkv, n, d, bk, dtype, causal, density):
     check(q, k, v, random_mask(b, hq, n, n, bk, density, seed=d), bk, causal)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@gpu
+def test_density_skewed_across_heads_and_query_blocks(dtype):
+    """The persistent kernel hands out work items (pairs of query blocks of a head) whose cost
+    differs by orders of magnitude: a head that keeps every block, heads with the sink only, query
+    blocks alternately dense and sink-only, a sparse random head; 640 items, more than the SMs."""
+    b, hq, hkv, n, bk = 2, 8, 2, 5000, 32
+    q, k, v = make_qkv(b, hq, hkv, n, 128, dtype=dtype, device="cuda", seed=5)
+    mask = random_mask(b, hq, n, n, bk, 0.0).cpu()  # sink only
+    mask[:, 0] = True
+    mask[:, 2, ::2] = True
+    mask[:, 5, 1::2] = True
+    mask[:, 3] = random_mask(b, 1, n, n, bk, 0.02, seed=3)[:, 0].cpu()
+    check(q, k, v, mask.cuda(), bk, True)
+
+
 @gpu
 def test_non_causal_more_queries_than_keys():
     q, k, v = make_qkv(2, 4, 2, 1025, 64, kv_len=300, dtype=torch.bfloat16, device="cuda")

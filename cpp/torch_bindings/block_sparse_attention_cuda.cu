@@ -58,7 +58,11 @@ cudaError_t launch_hopper(const char* op, sale::BlockSparseAttentionParams p, co
     p.v_batch_stride = packed ? 0 : Hkv * nk * D, p.v_head_stride = nk * D, p.v_row_stride = D;
     v_amax_bits = cv.amax_bits;
   }
-  return sale::launch_block_sparse_attention_sm90(p, v_amax_bits, is_bf16, int(D), int(bk), choice == "fast", stream);
+  // The persistent kernel's work counter (zeroed by the launch, on the stream).
+  const Tensor counter = torch::stable::new_empty(q, {1}, ScalarType::Long);
+  auto* item_counter = static_cast<unsigned long long*>(counter.mutable_data_ptr());
+  return sale::launch_block_sparse_attention_sm90(p, v_amax_bits, item_counter, is_bf16, int(D), int(bk),
+                                                  choice == "fast", stream);
 }
 
 void check_cuda_tensor(const Tensor& t, const char* name, const Tensor& like) {
