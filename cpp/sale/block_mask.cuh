@@ -276,6 +276,17 @@ __device__ __forceinline__ int32_t biased_bias(float bias, float rd) {
   return __float_as_int(fmaf(bias, rd, kBiasMagic));
 }
 
+// rd = 1 / d for biased_bias. It only has to keep rint(bias * rd) within 1 of b = rint(bias / d):
+// with rcp.approx's error of at most 1 ulp, the two reals differ by at most 2^21 * 2^-23 < 1 for
+// |bias / d| < 2^21, and the rints of two reals less than 1 apart differ by at most 1. The exact
+// path subtracts biased_bias with the same rd, so E stays exact; a correctly rounded reciprocal
+// (MUFU plus a refinement and a slow path, per block and step) buys nothing.
+__device__ __forceinline__ float bias_reciprocal(float d) {
+  float r;
+  asm("rcp.approx.f32 %0, %1;\n" : "=f"(r) : "f"(d));
+  return r;
+}
+
 __device__ __forceinline__ int32_t max3(int32_t a, int32_t b, int32_t c) { return __vimax3_s32(a, b, c); }
 
 // The approximate test of one candidate block for the two rows a thread holds (g and g + 8 of a
@@ -460,7 +471,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
       d[mt] = sq[mt] * kscale[n * BK];
-      rd[mt] = __frcp_rn(d[mt]);
+      rd[mt] = bias_reciprocal(d[mt]);
     }
 #pragma unroll
     for (int nt = 0; nt < kTiles; ++nt) {

@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS)
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
       d[mt] = sq[mt] * kscale[n * BK];
-      rd[mt] = __frcp_rn(d[mt]);
+      rd[mt] = bias_reciprocal(d[mt]);
     }
 #pragma unroll
     for (int nl = 0; nl < kTiles / kTilesPerLd; ++nl) {

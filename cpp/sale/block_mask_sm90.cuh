@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
 #pragma unroll
     for (int blk = 0; blk < kBlocks; ++blk) {
       d[blk] = sq * sm.kscale[stage][blk * BK + 2 * t];
-      rd[blk] = __frcp_rn(d[blk]);
+      rd[blk] = bias_reciprocal(d[blk]);
     }
     const float* bias = &sm.bias[stage][wg][2 * t];  // column (nt, c) at bias[nt * 8 + c]
 #pragma unroll
