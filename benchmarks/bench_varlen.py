@@ -34,7 +34,7 @@ def run_mix(lengths, tau, dense_below, repeats):
     hq, hkv, d = 32, 8, 128
     seqs = [make_qkv(1, hq, hkv, n, d, device="cuda", seed=i) for i, n in enumerate(lengths)]
     q, k, v = (pack([s[j] for s in seqs]) for j in range(3))
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     longest = max(lengths)
     kw = {} if dense_below is None else {"dense_below": dense_below}
 
@@ -51,7 +51,7 @@ def run_mix(lengths, tau, dense_below, repeats):
                                     **kw)
     density = float(res.density.mean())
     # Agreement with each sequence alone (the varlen contract), checked on the timed inputs.
-    starts = [0] + list(torch.tensor(lengths).cumsum(0).tolist())
+    starts = cu.tolist()
     for b, o in enumerate(one_by_one()):
         assert torch.equal(res.out[starts[b]:starts[b + 1]], o[0].transpose(0, 1)), f"sequence {b} differs"
     del res

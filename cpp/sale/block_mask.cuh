@@ -289,6 +289,35 @@ __device__ __forceinline__ float bias_reciprocal(float d) {
 
 __device__ __forceinline__ int32_t max3(int32_t a, int32_t b, int32_t c) { return __vimax3_s32(a, b, c); }
 
+// Query heads of one kv group that a scorer CTA takes: as many as divide the group, up to 4.
+inline int scorer_heads_per_cta(int q_heads, int kv_heads) {
+  const int group = q_heads / kv_heads;
+  return group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
+}
+
+// The mma.sync scorers' row statistics: rows g and g + 8 of each of the warp's two m16 tiles
+// share one query scale (SPEC §2); a row past nq never passes. q_rows: the first row of the
+// (batch, head) in the per-row buffers.
+__device__ __forceinline__ void load_tile_rows(const BlockMaskParams& p, int64_t q_rows, int nq,
+                                               const int (&rows)[2][2], float (&sq)[2], float (&thr)[2][2]) {
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+    sq[mt] = rows[mt][0] < nq ? p.q_scale[q_rows + rows[mt][0]] : 1.f;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      thr[mt][r] = rows[mt][r] < nq ? p.row_threshold[q_rows + rows[mt][r]] : INFINITY;
+  }
+}
+
+// One d = sq * sk per (m16 tile, key block) and its reciprocal for biased_bias.
+__device__ __forceinline__ void tile_block_scales(const float (&sq)[2], float sk, float (&d)[2], float (&rd)[2]) {
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+    d[mt] = sq[mt] * sk;
+    rd[mt] = bias_reciprocal(d[mt]);
+  }
+}
+
 // The approximate test of one candidate block for the two rows a thread holds (g and g + 8 of a
 // 16-row group, one query scale): best[r] = max over the thread's columns of E + b~ (biased),
 // d = sq * sk > 0. The block is kept when (best - 1) * d > T for a row; `unsure` when the exact
@@ -441,15 +470,8 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
               ? *reinterpret_cast<const uint32_t*>(qc + int64_t(rows[mt][r]) * D + kk * 32 + half * 16 + 4 * t)
               : 0u;
   }
-  // Rows g and g + 8 of an m16 tile share one query scale (SPEC §2); a missing row never passes.
   float sq[2], thr[2][2];
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
-    sq[mt] = rows[mt][0] < nq ? p.q_scale[q_rows + rows[mt][0]] : 1.f;
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-      thr[mt][r] = rows[mt][r] < nq ? p.row_threshold[q_rows + rows[mt][r]] : INFINITY;
-  }
+  load_tile_rows(p, q_rows, nq, rows, sq, thr);
   const float* kscale = p.k_scale + k_rows + 2 * t;
   KeptBits kept;
 
@@ -466,13 +488,9 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
     // The accumulators start at the biased b~_j, so the tensor cores add the bias and the
     // epilogue is one integer max per element.
     float d[2], rd[2];
+    tile_block_scales(sq, kscale[n * BK], d, rd);
     const float* bj = &sbias[buf][warp / 2][2 * t];  // column (nt, c) at bj[nt * 8 + c]
     int32_t acc[2][kTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      d[mt] = sq[mt] * kscale[n * BK];
-      rd[mt] = bias_reciprocal(d[mt]);
-    }
 #pragma unroll
     for (int nt = 0; nt < kTiles; ++nt) {
       const float2 bias = *reinterpret_cast<const float2*>(bj + nt * 8);
@@ -526,9 +544,7 @@ inline cudaError_t launch_block_mask_impl(const BlockMaskParams& p, cudaStream_t
   else row_threshold_kernel<T, D, false><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  // As many query heads of a kv group per CTA as divide the group, up to 4.
-  const int group = p.q_heads / p.kv_heads;
-  const int heads = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
+  const int heads = scorer_heads_per_cta(p.q_heads, p.kv_heads);
   if (p.use_wgmma) {
     if (heads == 4) return launch_candidate_ws<D, BK, 4>(p, stream);
     if (heads == 2) return launch_candidate_ws<D, BK, 2>(p, stream);

@@ -146,13 +146,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS)
                   : 0u;
   }
   float sq[2], thr[2][2];
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
-    sq[mt] = rows[mt][0] < p.nq ? p.q_scale[bh * p.nq + rows[mt][0]] : 1.f;
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-      thr[mt][r] = rows[mt][r] < p.nq ? p.row_threshold[bh * p.nq + rows[mt][r]] : INFINITY;
-  }
+  load_tile_rows(p, bh * p.nq, p.nq, rows, sq, thr);
   const float* kscale = p.k_scale + bhk * p.nk + 2 * t;
   KeptBits kept;
 
@@ -166,13 +160,9 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS)
     // One d = sq * sk per (m16 tile, block) (SPEC §2 groups follow the accumulator ownership);
     // accumulators start at the biased b~ (block_mask.cuh, biased_bias).
     float d[2], rd[2];
+    tile_block_scales(sq, kscale[n * BK], d, rd);
     const float* bj = &sbias[buf][warp / 2][2 * t];  // column (nt, c) at bj[nt * 8 + c]
     int32_t acc[2][kTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      d[mt] = sq[mt] * kscale[n * BK];
-      rd[mt] = bias_reciprocal(d[mt]);
-    }
 #pragma unroll
     for (int nl = 0; nl < kTiles / kTilesPerLd; ++nl) {
       // Matrix i of the x4: key tile nl * kTilesPerLd + i / kChunks, 16-byte chunk i % kChunks.
@@ -217,9 +207,7 @@ inline cudaError_t launch_block_mask_s4_impl(const BlockMaskParams& p, uint8_t* 
   row_threshold_kernel<T, D, false><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  // As many query heads of a kv group per CTA as divide the group, up to 4 (as the 8-bit scorer).
-  const int group = p.q_heads / p.kv_heads;
-  const int heads = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
+  const int heads = scorer_heads_per_cta(p.q_heads, p.kv_heads);
   const dim3 grid(p.nQ, p.q_heads / heads, p.batch);
   if (heads == 4) candidate_kernel_s4<D, BK, 4><<<grid, 256, 0, stream>>>(p, k_packed);
   else if (heads == 2) candidate_kernel_s4<D, BK, 2><<<grid, 128, 0, stream>>>(p, k_packed);
@@ -249,8 +237,7 @@ inline cudaError_t launch_block_mask_s8(const BlockMaskParams& p, bool is_bf16, 
     row_threshold_kernel<T, kD, false><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    const int group = p.q_heads / p.kv_heads;
-    const int heads = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
+    const int heads = scorer_heads_per_cta(p.q_heads, p.kv_heads);
     const dim3 grid(p.nQ, p.q_heads / heads, p.batch);
     if (heads == 4) candidate_kernel<kD, kBk, 4, false><<<grid, 256, 0, stream>>>(p);
     else if (heads == 2) candidate_kernel<kD, kBk, 2, false><<<grid, 128, 0, stream>>>(p);

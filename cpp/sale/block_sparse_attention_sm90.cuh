@@ -563,38 +563,36 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
 template <typename T, int D, int BK, bool SPLIT_P>
 inline cudaError_t launch_block_sparse_attention_sm90_impl(const BlockSparseAttentionParams& p,
                                                            const unsigned* v_amax_bits,
-                                                           unsigned long long* item_counter, cudaStream_t stream) {
+                                                           unsigned long long* item_counter, int sm_count,
+                                                           cudaStream_t stream) {
   auto kernel = block_sparse_attention_sm90_kernel<T, D, BK, SPLIT_P>;
   constexpr int smem = int(sizeof(bsa90::Smem<T, D, bsa90::keys_per_stage<SPLIT_P>()>)) + 1024;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const long long n_items = static_cast<long long>((p.nQ + 1) / 2) * p.q_heads * p.batch;
   if (n_items == 0) return cudaSuccess;
-  int device = 0, sms = 0;
-  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
-  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
   if ((err = cudaMemsetAsync(item_counter, 0, sizeof(unsigned long long), stream)) != cudaSuccess) return err;
-  const int ctas = int(std::min<long long>(n_items, sms));  // persistent: one CTA per SM
+  const int ctas = int(std::min<long long>(n_items, sm_count));  // persistent: one CTA per SM
   kernel<<<ctas, bsa90::kThreads, smem, stream>>>(p, v_amax_bits, item_counter, n_items);
   return cudaGetLastError();
 }
 
 // p.v: fp16 values (see the kernel); the caller validated everything else as for
 // launch_block_sparse_attention. item_counter: one device word of scratch (zeroed here, on the
-// stream). fast_p (bf16 only): P rounded once to fp16 instead of hi + lo, with 128-key stages
-// (dense tiles ~30% faster on the H100, low densities slower); the output then can leave SPEC §7's
-// elementwise bound in rare elements when |V| is large (benchmarks/RESULTS.md, session 3), so it
-// is opt-in.
+// stream); sm_count: the device's SMs (the persistent grid). fast_p (bf16 only): P rounded once to
+// fp16 instead of hi + lo, with 128-key stages (dense tiles ~30% faster on the H100, low densities
+// slower); the output then can leave SPEC §7's elementwise bound in rare elements when |V| is large
+// (benchmarks/RESULTS.md, session 3), so it is opt-in.
 inline cudaError_t launch_block_sparse_attention_sm90(const BlockSparseAttentionParams& p, const unsigned* v_amax_bits,
-                                                      unsigned long long* item_counter, bool is_bf16, int head_dim,
-                                                      int bk, bool fast_p, cudaStream_t stream) {
+                                                      unsigned long long* item_counter, int sm_count, bool is_bf16,
+                                                      int head_dim, int bk, bool fast_p, cudaStream_t stream) {
   return dispatch_dtype_dim_block(is_bf16, head_dim, bk, [&](auto type, auto dim, auto block) {
     using T = typename decltype(type)::type;
     constexpr int kD = decltype(dim)::value, kBk = decltype(block)::value;
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      if (fast_p) return launch_block_sparse_attention_sm90_impl<T, kD, kBk, false>(p, v_amax_bits, item_counter, stream);
+      if (fast_p) return launch_block_sparse_attention_sm90_impl<T, kD, kBk, false>(p, v_amax_bits, item_counter, sm_count, stream);
     }
-    return launch_block_sparse_attention_sm90_impl<T, kD, kBk, true>(p, v_amax_bits, item_counter, stream);
+    return launch_block_sparse_attention_sm90_impl<T, kD, kBk, true>(p, v_amax_bits, item_counter, sm_count, stream);
   });
 }
 

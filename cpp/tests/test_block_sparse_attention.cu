@@ -33,10 +33,13 @@ cudaError_t launch(sale::BlockSparseAttentionParams p, Kernel kernel, bool bf16,
   (void)v_elems;
   return cudaErrorInvalidValue;
 #else
+  int device = 0, sms = 0;
+  CUDA_OK(cudaGetDevice(&device));
+  CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   unsigned long long* counter = nullptr;
   CUDA_OK(cudaMalloc(&counter, sizeof(unsigned long long)));
   if (!bf16) {
-    const cudaError_t err = sale::launch_block_sparse_attention_sm90(p, nullptr, counter, false, D, bk, false, nullptr);
+    const cudaError_t err = sale::launch_block_sparse_attention_sm90(p, nullptr, counter, sms, false, D, bk, false, nullptr);
     CUDA_OK(cudaDeviceSynchronize());
     CUDA_OK(cudaFree(counter));
     return err;
@@ -51,12 +54,12 @@ cudaError_t launch(sale::BlockSparseAttentionParams p, Kernel kernel, bool bf16,
   cv.rows = int64_t(packed ? 1 : p.batch) * p.kv_heads * rows_per_head;
   CUDA_OK(cudaMalloc(&cv.out, v_elems * sizeof(__half)));
   CUDA_OK(cudaMalloc(&cv.amax_bits, sizeof(unsigned)));
-  CUDA_OK(sale::launch_convert_v(cv, 132, nullptr));
+  CUDA_OK(sale::launch_convert_v(cv, sms, nullptr));
   p.v = cv.out;
   p.v_row_stride = D, p.v_head_stride = int64_t(rows_per_head) * D;
   p.v_batch_stride = packed ? 0 : int64_t(p.kv_heads) * p.nk * D;  // packed: sequences are located by their rows
   const bool fast_p = kernel == Kernel::kWgmmaFastP;
-  const cudaError_t err = sale::launch_block_sparse_attention_sm90(p, cv.amax_bits, counter, true, D, bk, fast_p, nullptr);
+  const cudaError_t err = sale::launch_block_sparse_attention_sm90(p, cv.amax_bits, counter, sms, true, D, bk, fast_p, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
   CUDA_OK(cudaFree(counter));
   CUDA_OK(cudaFree(cv.out));

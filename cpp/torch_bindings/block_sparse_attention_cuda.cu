@@ -39,6 +39,7 @@ cudaError_t launch_hopper(const char* op, sale::BlockSparseAttentionParams p, co
   const char* env = std::getenv("SALE_OPS_ATTENTION");
   const std::string choice = env ? env : "";
   if (choice == "mma") return sale::launch_block_sparse_attention(p, is_bf16, int(D), int(bk), stream);
+  const int sms = sale_entry::sm_count(q);
   const unsigned* v_amax_bits = nullptr;
   Tensor v_half, amax;
   if (is_bf16 && nk > 0) {
@@ -52,7 +53,7 @@ cudaError_t launch_hopper(const char* op, sale::BlockSparseAttentionParams p, co
     cv.out = static_cast<__half*>(v_half.mutable_data_ptr());
     cv.amax_bits = static_cast<unsigned*>(amax.mutable_data_ptr());
     cv.rows = batches * Hkv * nk;
-    const cudaError_t err = sale::launch_convert_v(cv, sale_entry::sm_count(q), stream);
+    const cudaError_t err = sale::launch_convert_v(cv, sms, stream);
     STD_TORCH_CHECK(err == cudaSuccess, op, ": V conversion launch failed: ", cudaGetErrorString(err));
     p.v = cv.out;
     p.v_batch_stride = packed ? 0 : Hkv * nk * D, p.v_head_stride = nk * D, p.v_row_stride = D;
@@ -61,8 +62,28 @@ cudaError_t launch_hopper(const char* op, sale::BlockSparseAttentionParams p, co
   // The persistent kernel's work counter (zeroed by the launch, on the stream).
   const Tensor counter = torch::stable::new_empty(q, {1}, ScalarType::Long);
   auto* item_counter = static_cast<unsigned long long*>(counter.mutable_data_ptr());
-  return sale::launch_block_sparse_attention_sm90(p, v_amax_bits, item_counter, is_bf16, int(D), int(bk),
+  return sale::launch_block_sparse_attention_sm90(p, v_amax_bits, item_counter, sms, is_bf16, int(D), int(bk),
                                                   choice == "fast", stream);
+}
+
+// The fields the batched and packed entries fill alike: data pointers, the mask (bool or bit-packed,
+// [B, Hq, nQ, *] either way), the outputs, scale and causality. Strides and sizes are the caller's.
+sale::BlockSparseAttentionParams common_params(const Tensor& q, const Tensor& k, const Tensor& v,
+                                               const Tensor& block_mask, bool packed, Tensor& out, Tensor& lse,
+                                               double scale, bool causal) {
+  sale::BlockSparseAttentionParams p{};
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.mask = block_mask.const_data_ptr();
+  p.mask_packed = packed;
+  p.mask_batch_stride = block_mask.stride(0), p.mask_head_stride = block_mask.stride(1);
+  p.mask_row_stride = block_mask.stride(2), p.mask_col_stride = block_mask.stride(3);
+  p.out = out.mutable_data_ptr();
+  p.lse = static_cast<float*>(lse.mutable_data_ptr());
+  p.scale = float(scale);
+  p.causal = causal;
+  return p;
 }
 
 void check_cuda_tensor(const Tensor& t, const char* name, const Tensor& like) {
@@ -128,23 +149,12 @@ std::tuple<Tensor, Tensor> block_sparse_attention_cuda(Tensor q, Tensor k, Tenso
   Tensor out = torch::stable::new_empty(q, {B, Hq, Nq, D}, dt);
   Tensor lse = torch::stable::new_empty(q, {B, Hq, Nq}, ScalarType::Float);
 
-  sale::BlockSparseAttentionParams p{};
-  p.q = q.const_data_ptr();
-  p.k = k.const_data_ptr();
-  p.v = v.const_data_ptr();
+  sale::BlockSparseAttentionParams p = common_params(q, k, v, block_mask, packed, out, lse, scale, causal);
   p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
   p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
   p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
-  p.mask = block_mask.const_data_ptr();
-  p.mask_packed = packed;
-  p.mask_batch_stride = block_mask.stride(0), p.mask_head_stride = block_mask.stride(1);
-  p.mask_row_stride = block_mask.stride(2), p.mask_col_stride = block_mask.stride(3);
-  p.out = out.mutable_data_ptr();
-  p.lse = static_cast<float*>(lse.mutable_data_ptr());
   p.batch = int(B), p.q_heads = int(Hq), p.kv_heads = int(Hkv), p.nq = int(Nq), p.nk = int(Nk);
   p.nQ = int(nQ), p.nK = int(nK);
-  p.scale = float(scale);
-  p.causal = causal;
   const bool is_bf16 = dt == ScalarType::BFloat16;
   cudaError_t err;
   if (sale_entry::kernel_path(kOp, q.get_device_index()) == sale_entry::KernelPath::kSm8x) {
@@ -198,23 +208,12 @@ std::tuple<Tensor, Tensor> block_sparse_attention_varlen_cuda(Tensor q, Tensor k
   Tensor lse = torch::stable::new_empty(q, {Hq, Tq}, ScalarType::Float);
   if (Tq == 0) return std::make_tuple(out, lse);
 
-  sale::BlockSparseAttentionParams p{};
-  p.q = q.const_data_ptr();
-  p.k = k.const_data_ptr();
-  p.v = v.const_data_ptr();
+  sale::BlockSparseAttentionParams p = common_params(q, k, v, block_mask, packed, out, lse, scale, causal);
   p.q_batch_stride = 0, p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(0);
   p.k_batch_stride = 0, p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(0);
   p.v_batch_stride = 0, p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(0);
-  p.mask = block_mask.const_data_ptr();
-  p.mask_packed = packed;
-  p.mask_batch_stride = block_mask.stride(0), p.mask_head_stride = block_mask.stride(1);
-  p.mask_row_stride = block_mask.stride(2), p.mask_col_stride = block_mask.stride(3);
-  p.out = out.mutable_data_ptr();
-  p.lse = static_cast<float*>(lse.mutable_data_ptr());
   p.batch = int(vb.batch), p.q_heads = int(Hq), p.kv_heads = int(Hkv), p.nq = int(max_q), p.nk = int(max_k);
   p.nQ = int(nQ), p.nK = int(nK);
-  p.scale = float(scale);
-  p.causal = causal;
   p.cu_seqlens_q = vb.cu_q, p.cu_seqlens_k = vb.cu_k;
   p.total_q = Tq;
   const bool is_bf16 = q.scalar_type() == ScalarType::BFloat16;

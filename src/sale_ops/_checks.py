@@ -93,7 +93,13 @@ def check_qk(op: str, q, k, causal: bool = True) -> None:
 
 def check_qkv(op: str, q, k, v, causal: bool = True) -> None:
     check_qk(op, q, k, causal)
-    check_tensor(op, "v", v, 4)
+    check_v(op, q, k, v, 4)
+
+
+def check_v(op: str, q, k, v, ndim: int) -> None:
+    """'v' next to checked 'q' and 'k': ``ndim`` dims (4 batched, 3 packed), q's device and dtype,
+    k's shape, a contiguous last dim."""
+    check_tensor(op, "v", v, ndim)
     check_same_device(op, q=q, v=v)
     if v.dtype != q.dtype:
         raise TypeError(f"{op}: argument 'v' has dtype {v.dtype} but 'q' has {q.dtype}; they must match")
@@ -250,13 +256,7 @@ def check_packed_qk(op: str, q, k, v=None) -> None:
     check_last_dim_contiguous(op, "q", q)
     check_last_dim_contiguous(op, "k", k)
     if v is not None:
-        check_tensor(op, "v", v, 3)
-        check_same_device(op, q=q, v=v)
-        if v.dtype != q.dtype:
-            raise TypeError(f"{op}: argument 'v' has dtype {v.dtype} but 'q' has {q.dtype}; they must match")
-        if tuple(v.shape) != tuple(k.shape):
-            raise ValueError(f"{op}: 'v' must have the shape of 'k' {tuple(k.shape)}, got {tuple(v.shape)}")
-        check_last_dim_contiguous(op, "v", v)
+        check_v(op, q, k, v, 3)
 
 
 def check_cu_seqlens(op: str, q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> int:
