@@ -52,9 +52,9 @@ def test_kernel_mask_agrees_with_reference(b, hq, hkv, nq, nk, d, bk, window, dt
         assert float(density.min()) < 0.9, "the inputs should make selection non-trivial"
 
 
-@pytest.mark.parametrize("kind", ["equal_keys", "huge_key", "zero_rows", "large_fp16", "gaussian"])
+@pytest.mark.parametrize("kind", ["equal_keys", "huge_key", "zero_rows", "large_fp16", "gaussian", "tiny_bf16"])
 def test_kernel_mask_adversarial(kind):
-    dtype = torch.float16
+    dtype = torch.bfloat16 if kind == "tiny_bf16" else torch.float16
     q, k, _ = make_qkv(1, 4, 2, 1500, 128, dtype=torch.float32, device="cuda", seed=11)
     if kind == "equal_keys":
         k = k[:, :, :1].expand_as(k).contiguous()
@@ -67,6 +67,9 @@ def test_kernel_mask_adversarial(kind):
         q, k = q * 60, k * 60  # logits ~1e5: stresses fp32 statistics
     elif kind == "gaussian":
         q, k = torch.randn_like(q), torch.randn_like(k)
+    elif kind == "tiny_bf16":
+        # scales ~1e-20, so d = sq * sk is subnormal in fp32: the scorers must take the exact path
+        q, k = q * 1e-19, k * 1e-19
     tau = torch.tensor([0.0, 1e-3, 1e-2, 0.2], device="cuda")
     check(q.to(dtype), k.to(dtype), tau)
 

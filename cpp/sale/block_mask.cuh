@@ -14,6 +14,7 @@
 // bq is fixed at 64. Variable-length (packed) batches: see BlockMaskParams::cu_seqlens_q.
 #pragma once
 
+#include <cfloat>
 #include <cstdint>
 #include <cuda_runtime.h>
 
@@ -280,11 +281,14 @@ __device__ __forceinline__ int32_t biased_bias(float bias, float rd) {
 // with rcp.approx's error of at most 1 ulp, the two reals differ by at most 2^21 * 2^-23 < 1 for
 // |bias / d| < 2^21, and the rints of two reals less than 1 apart differ by at most 1. The exact
 // path subtracts biased_bias with the same rd, so E stays exact; a correctly rounded reciprocal
-// (MUFU plus a refinement and a slow path, per block and step) buys nothing.
+// (MUFU plus a refinement and a slow path, per block and step) buys nothing. The .ftz form is one
+// MUFU: a d below FLT_MIN (zero or subnormal) gives +inf, clamped to FLT_MAX so that bias * rd is
+// never 0 * inf = NaN (whose bits would saturate the accumulator); approx_decide sends such blocks
+// to the exact test.
 __device__ __forceinline__ float bias_reciprocal(float d) {
   float r;
-  asm("rcp.approx.f32 %0, %1;\n" : "=f"(r) : "f"(d));
-  return r;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(d));
+  return fminf(r, FLT_MAX);
 }
 
 __device__ __forceinline__ int32_t max3(int32_t a, int32_t b, int32_t c) { return __vimax3_s32(a, b, c); }
@@ -320,22 +324,32 @@ __device__ __forceinline__ void tile_block_scales(const float (&sq)[2], float sk
 
 // The approximate test of one candidate block for the two rows a thread holds (g and g + 8 of a
 // 16-row group, one query scale): best[r] = max over the thread's columns of E + b~ (biased),
-// d = sq * sk > 0. The block is kept when (best - 1) * d > T for a row; `unsure` when the exact
-// b could still flip the answer, or a bias fell outside the approximation's range.
-__device__ __forceinline__ void approx_decide(const int32_t (&best)[2], float d, const float (&thr)[2], bool& hit,
-                                              bool& unsure) {
+// d = sq * sk, rd = bias_reciprocal(d). Integer compares only: with t = thr / d, the row surely
+// passes when best >= bits(1.5 * 2^23 + t + kCutMargin) and surely fails when best is below
+// bits(1.5 * 2^23 + t - kCutMargin). Why that is sound (x = the exact max of E + b, |x - v| <= 1
+// for v = best - kBiasedZero; the exact test is fl(x * d) > thr): thr * rd is t within 2^-23
+// relative, the fma rounds by at most 1/2 where it matters (|t| < 2^22), and fl(x * d) moves x * d
+// by 2^-24 relative, so with |t| < kApproxLimit + kCutMargin every error together stays below
+// 1 + 1/2 + 2^-21 |t| < 2.5 < kCutMargin; for larger |t| the in-range v is far from t on the
+// right side. Floats of either sign keep the order of their bits against an in-range best (a negative
+// cut-off is a negative integer: always passed; +inf: never). `unsure` when neither holds, when
+// the max is outside kApproxLimit (a bias outside the approximation's range), or when d is below
+// FLT_MIN (rd clamped).
+constexpr float kCutMargin = 4.f;
+__device__ __forceinline__ void approx_decide(const int32_t (&best)[2], float d, float rd, const float (&thr)[2],
+                                              bool& hit, bool& unsure) {
   // One unsigned compare per row: best - kBiasedZero in (-kApproxLimit, kApproxLimit).
-  const bool small = uint32_t(best[0] - (kBiasedZero - kApproxLimit)) < uint32_t(2 * kApproxLimit) &&
-                     uint32_t(best[1] - (kBiasedZero - kApproxLimit)) < uint32_t(2 * kApproxLimit);
-  unsure |= !small;
+  const bool valid = uint32_t(best[0] - (kBiasedZero - kApproxLimit)) < uint32_t(2 * kApproxLimit) &&
+                     uint32_t(best[1] - (kBiasedZero - kApproxLimit)) < uint32_t(2 * kApproxLimit) &&
+                     d >= FLT_MIN;
+  bool surely = false, maybe = false;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    // In range, the accumulator's bits are the float 1.5 * 2^23 + v: v without a conversion.
-    const float v = __int_as_float(best[r]) - kBiasMagic;
-    const bool surely = small && (v - 1.f) * d > thr[r];
-    hit |= surely;
-    unsure |= !surely && (v + 1.f) * d > thr[r];
+    surely |= best[r] >= __float_as_int(fmaf(thr[r], rd, kBiasMagic + kCutMargin));
+    maybe |= best[r] >= __float_as_int(fmaf(thr[r], rd, kBiasMagic - kCutMargin));
   }
+  hit |= valid && surely;
+  unsure |= !valid || (!surely && maybe);
 }
 
 // The exact contribution of one accumulator pair of columns: E = acc - b~ exactly (integers),
@@ -361,7 +375,7 @@ __device__ __forceinline__ bool decide_block_mma(const int32_t (&acc)[2][kTiles]
       best[0] = max3(best[0], acc[mt][nt][0], acc[mt][nt][1]);
       best[1] = max3(best[1], acc[mt][nt][2], acc[mt][nt][3]);
     }
-    approx_decide(best, d[mt], thr[mt], hit, unsure);
+    approx_decide(best, d[mt], rd[mt], thr[mt], hit, unsure);
   }
   if (__any_sync(0xffffffffu, unsure) && unsure) {
 #pragma unroll
@@ -514,8 +528,15 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
   }
 }
 
-template <int D, int BK, int HEADS, bool VARLEN>
-__global__ void candidate_kernel_ws(const BlockMaskParams p);  // block_mask_sm90.cuh
+// Rows of the key-side buffers: codes and scales [B, Hkv, Nk] ([Hkv, total] packed), biases
+// [B, Hq, Nk] ([Hq, total]).
+inline int64_t key_side_rows(const BlockMaskParams& p, int heads) {
+  return int64_t(heads) * (p.cu_seqlens_k != nullptr ? p.total_k : int64_t(p.batch) * p.nk);
+}
+// The wgmma scorer copies them with TMA, whose coordinates are int32 (plus a stage of slack).
+inline bool key_rows_fit_tma(const BlockMaskParams& p) {
+  return key_side_rows(p, max(p.q_heads, p.kv_heads)) + 1024 < (int64_t(1) << 31);
+}
 template <int D, int BK, int HEADS>
 cudaError_t launch_candidate_ws(const BlockMaskParams& p, cudaStream_t stream);  // block_mask_sm90.cuh
 
@@ -545,7 +566,7 @@ inline cudaError_t launch_block_mask_impl(const BlockMaskParams& p, cudaStream_t
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int heads = scorer_heads_per_cta(p.q_heads, p.kv_heads);
-  if (p.use_wgmma) {
+  if (p.use_wgmma && key_rows_fit_tma(p)) {
     if (heads == 4) return launch_candidate_ws<D, BK, 4>(p, stream);
     if (heads == 2) return launch_candidate_ws<D, BK, 2>(p, stream);
     return launch_candidate_ws<D, BK, 1>(p, stream);

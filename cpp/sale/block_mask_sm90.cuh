@@ -2,10 +2,12 @@
 //
 // Same contract as candidate_kernel in block_mask.cuh (thresholds come from
 // row_threshold_kernel), organised as a warp-specialised pipeline:
-//   - a producer warpgroup streams key tiles (kStep keys of int8 codes, their key scales and
-//     the qk_bias of every head) into a ring of kStages shared-memory stages with cp.async, each
-//     stage guarded by a "full" and an "empty" mbarrier; it gives most of its registers to the
-//     consumers (setmaxnreg);
+//   - one thread of a producer warpgroup streams key tiles (kStep keys of int8 codes, their key
+//     scales and the qk_bias of every head) into a ring of kStages shared-memory stages with TMA
+//     (the tensor maps are built at launch), each stage guarded by a "full" (transaction count)
+//     and an "empty" mbarrier; the warpgroup gives most of its registers to the consumers
+//     (setmaxnreg). TMA writes through the async proxy, so wgmma may read a full stage without a
+//     proxy fence, and one thread issues a stage in a handful of instructions;
 //   - one consumer warpgroup per query head of the GQA group multiplies its 64 query codes
 //     (in shared memory, loaded once) by the stage's keys with wgmma.m64nNk32.s8 (SS), the
 //     accumulators starting at the bias in code units, then reduces each candidate block to
@@ -22,8 +24,12 @@
 #include <cute/atom/mma_atom.hpp>
 #include <cute/arch/mma_sm90.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/cuda_host_adapter.hpp>
 #include <cutlass/arch/reg_reconfig.h>
+
+#include <type_traits>
 
 #include "sale/block_mask.cuh"
 
@@ -45,23 +51,41 @@ constexpr int kConsumerRegs = 112;
 static_assert(kProducerThreads * kProducerRegs + 4 * 128 * kConsumerRegs <= (4 * 128 + kProducerThreads) * 96,
               "setmaxnreg budgets exceed the launch allocation (the consumers would wait forever)");
 
+// TMA needs a box of a 1D map to start on 16 bytes: the per-row buffers (row stride Nk floats)
+// are copied from the 4-float boundary at or below the stage's first key, 4 floats more, and read
+// from `first` = the stage's first key's place in the box (the same for every stage of a CTA).
+// TMA also wants 128-byte aligned destinations: rows of kRowStride floats.
+constexpr int kRowBox = kStep + 4;
+constexpr int kRowStride = kStep + 32;
+
 template <int D, int HEADS>
 struct Smem {
   alignas(1024) int8_t q[HEADS][kBq * D];        // query codes of each head, swizzled
   alignas(1024) int8_t k[kStages][kStep * D];    // key codes, swizzled
-  float bias[kStages][HEADS][kStep];             // qk_bias of the stage's keys, per head
-  float kscale[kStages][kStep];                  // key scales of the stage's keys
+  alignas(128) float bias[kStages][HEADS][kRowStride];  // qk_bias of the stage's keys, per head
+  alignas(128) float kscale[kStages][kRowStride];       // key scales of the stage's keys
   uint64_t full[kStages], empty[kStages];        // mbarriers
+};
+
+// TMA descriptors of the key side: codes as a 2D [rows, D] byte tensor (swizzled like the wgmma
+// operand), scales and biases as 1D float tensors over all their rows, since a per-head row
+// stride of Nk floats need not be a multiple of 16 bytes. A 1D map starts at the 16-byte
+// boundary at or below its pointer; *_shift (elements) moves the coordinates onto it.
+struct KeyMaps {
+  CUtensorMap k_codes, k_scale, qk_bias;
+  int k_scale_shift, qk_bias_shift;
 };
 
 }  // namespace ws
 
 template <int D, int BK, int HEADS, bool VARLEN>
-__global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candidate_kernel_ws(const BlockMaskParams p) {
+__global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
+    candidate_kernel_ws(const BlockMaskParams p, const __grid_constant__ ws::KeyMaps maps) {
   using namespace cute;
   using ws::kStages;
   using ws::kStep;
   using Barrier = cutlass::arch::ClusterBarrier;
+  using FullBarrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kBlocks = kStep / BK;  // candidate blocks per stage
   constexpr int kConsumers = 128 * HEADS;
   using KLayout = decltype(tile_to_shape(ws::CodeSmemAtom<D>{}, Shape<Int<kStep>, Int<D>>{}));
@@ -81,7 +105,7 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      Barrier::init(&sm.full[s], ws::kProducerThreads);  // one cp.async arrival per producer thread
+      FullBarrier::init(&sm.full[s], 1);  // the producer thread's arrival plus the TMA bytes
       Barrier::init(&sm.empty[s], kConsumers);  // one arrival per consumer thread
     }
     cutlass::arch::fence_barrier_init();
@@ -101,42 +125,32 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // cp.async wrote, wgmma reads
   __syncthreads();  // also orders init_mask_rows' stores before the consumers' atomics
 
+  // Map coordinates of the key-side rows; key0 is a multiple of 4, so each box's first key sits
+  // at the same place for every stage.
+  const int64_t kscale_at = maps.k_scale_shift + k_rows;
+  auto bias_at = [&](int hh) { return maps.qk_bias_shift + k_rows_of<VARLEN>(p, cta.s, b, h0 + hh, p.q_heads); };
+
   if (threadIdx.x >= kConsumers) {
     // ---------------- producer warpgroup ----------------
     if constexpr (HEADS == 4) cutlass::arch::warpgroup_reg_dealloc<ws::kProducerRegs>();
-    constexpr int kChunks = kStep * D / 16;  // 16-byte pieces of a key tile
-    constexpr int kPer = kChunks / ws::kProducerThreads;
-    static_assert(kChunks % ws::kProducerThreads == 0, "whole chunks per thread");
-    const int ptid = threadIdx.x - kConsumers;
-    const int nk = cta.s.nk;
-    const int8_t* kc = p.k_codes + k_rows * D;
+    if (threadIdx.x != kConsumers) return;  // one thread issues every copy
+    constexpr uint32_t kStageBytes = kStep * D + (HEADS + 1) * ws::kRowBox * sizeof(float);
+    const uint64_t hint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
     for (int s = 0; s < steps; ++s) {
       const int stage = s % kStages;
       if (s >= kStages) Barrier::wait(&sm.empty[stage], ((s / kStages) & 1) ^ 1);
+      FullBarrier::arrive_and_expect_tx(&sm.full[stage], kStageBytes);
+      // Rows past this head's Nk (last stage only) bring the next head's keys, or zeros past the
+      // tensor: they only reach blocks >= n_end, which are never looked at.
       const int key0 = BK + s * kStep;  // candidates start at block 1
-      const int8_t* src = kc + int64_t(key0) * D;
-      Tensor sK = make_tensor(make_smem_ptr(sm.k[stage]), KLayout{});
-      // Piece c is key c / (D / 16), bytes 16 c .. of the tile in global memory (rows are contiguous).
+      SM90_TMA_LOAD_2D::copy(&maps.k_codes, &sm.full[stage], hint, sm.k[stage], 0, int(k_rows + key0));
+      SM90_TMA_LOAD_1D::copy(&maps.k_scale, &sm.full[stage], hint, sm.kscale[stage], int(kscale_at + key0) & ~3);
 #pragma unroll
-      for (int i = 0; i < kPer; ++i) {
-        const int c = ptid + ws::kProducerThreads * i, key = c / (D / 16);
-        const bool in = key0 + key < nk;  // only the last stage can run past Nk
-        cp_async_16(raw_pointer_cast(&sK(key, (c % (D / 16)) * 16)), src + (in ? 16 * c : 0), in ? 16 : 0);
-      }
-      for (int c = ptid; c < HEADS * kStep; c += ws::kProducerThreads) {
-        const int hh = c / kStep, key = c % kStep;
-        const bool in = key0 + key < nk;
-        const float* bias = p.qk_bias + k_rows_of<VARLEN>(p, cta.s, b, h0 + hh, p.q_heads);
-        cp_async_4(&sm.bias[stage][hh][key], bias + (in ? key0 + key : 0), in ? 4 : 0);
-      }
-      if (ptid < kStep) {
-        const bool in = key0 + ptid < nk;
-        const float* kscale = p.k_scale + k_rows_of<VARLEN>(p, cta.s, b, hk, p.kv_heads);
-        cp_async_4(&sm.kscale[stage][ptid], kscale + (in ? key0 + ptid : 0), in ? 4 : 0);
-      }
-      cutlass::arch::cpasync_barrier_arrive_noinc(&sm.full[stage]);
+      for (int hh = 0; hh < HEADS; ++hh)
+        SM90_TMA_LOAD_1D::copy(&maps.qk_bias, &sm.full[stage], hint, sm.bias[stage][hh],
+                               int(bias_at(hh) + key0) & ~3);
     }
-    // Leave only when every stage was consumed (no copy may outlive its issuer).
+    // Leave only when every stage was consumed.
     for (int s = max(0, steps - kStages); s < steps; ++s) Barrier::wait(&sm.empty[s % kStages], (s / kStages) & 1);
     return;
   }
@@ -148,6 +162,7 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
   const int h = h0 + wg;
   const int64_t q_rows = q_rows_of<VARLEN>(p, cta.s, b, h);
   uint32_t* words = mask_words(p, cta, h);
+  const int kscale_first = int(kscale_at & 3), bias_first = int(bias_at(wg) & 3);
 
   auto tiled_mma = make_tiled_mma(SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN_SATURATE{});
   auto thr_mma = tiled_mma.get_slice(tid);
@@ -162,12 +177,15 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
   float thr[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) thr[r] = row0 + 8 * r < cta.s.nq ? p.row_threshold[q_rows + row0 + 8 * r] : INFINITY;
-  KeptBits kept;
+  // Kept candidates in candidate order c = n - 1 (block n = 1 + c): a stage's kBlocks bits never
+  // straddle a 32-bit word in c, so a warp-uniform word collects 32 / kBlocks stages, then goes
+  // out as two atomics (mask bits n = 32 w + 1 .. 32 w + 31 and bit 0 of the next word).
+  static_assert(32 % kBlocks == 0, "stages tile the 32-candidate words");
+  uint32_t kept = 0;
 
   for (int s = 0; s < steps; ++s) {
     const int stage = s % kStages;
-    Barrier::wait(&sm.full[stage], (s / kStages) & 1);
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // cp.async wrote, wgmma reads
+    FullBarrier::wait(&sm.full[stage], (s / kStages) & 1);
 
     // Accumulators start at the biased b~ (see biased_bias): the tensor cores add the bias and
     // the epilogue is one integer max per element. Keys past Nk (last stage) give garbage in
@@ -175,17 +193,24 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
     float d[kBlocks], rd[kBlocks];
 #pragma unroll
     for (int blk = 0; blk < kBlocks; ++blk) {
-      d[blk] = sq * sm.kscale[stage][blk * BK + 2 * t];
+      d[blk] = sq * sm.kscale[stage][kscale_first + blk * BK + 2 * t];
       rd[blk] = bias_reciprocal(d[blk]);
     }
-    const float* bias = &sm.bias[stage][wg][2 * t];  // column (nt, c) at bias[nt * 8 + c]
+    const float* bias = &sm.bias[stage][wg][bias_first + 2 * t];  // column (nt, c) at bias[nt * 8 + c]
+    // Column pairs are 8-byte aligned only for an even bias_first (uniform per warpgroup).
+    auto init_acc = [&](auto aligned_pairs) {
 #pragma unroll
-    for (int nt = 0; nt < kStep / 8; ++nt) {
-      const float2 bj = *reinterpret_cast<const float2*>(bias + nt * 8);
-      const float r = rd[nt / (BK / 8)];
-      acc(nt * 4 + 0) = acc(nt * 4 + 2) = biased_bias(bj.x, r);
-      acc(nt * 4 + 1) = acc(nt * 4 + 3) = biased_bias(bj.y, r);
-    }
+      for (int nt = 0; nt < kStep / 8; ++nt) {
+        float2 bj;
+        if constexpr (decltype(aligned_pairs)::value) bj = *reinterpret_cast<const float2*>(bias + nt * 8);
+        else bj = make_float2(bias[nt * 8], bias[nt * 8 + 1]);
+        const float r = rd[nt / (BK / 8)];
+        acc(nt * 4 + 0) = acc(nt * 4 + 2) = biased_bias(bj.x, r);
+        acc(nt * 4 + 1) = acc(nt * 4 + 3) = biased_bias(bj.y, r);
+      }
+    };
+    if (bias_first % 2 == 0) init_acc(std::true_type{});
+    else init_acc(std::false_type{});
     Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(make_tensor(make_smem_ptr(sm.k[stage]), KLayout{})));
     warpgroup_fence_operand(acc);
     warpgroup_arrive();
@@ -206,7 +231,7 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
         best[1] = max3(best[1], acc(nt * 4 + 2), acc(nt * 4 + 3));
       }
       bool hit = false, unsure = false;
-      approx_decide(best, d[blk], thr, hit, unsure);
+      approx_decide(best, d[blk], rd[blk], thr, hit, unsure);
       hits |= uint32_t(hit) << blk;
       unsure_bits |= uint32_t(unsure) << blk;
     }
@@ -226,21 +251,70 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1) candida
         hits = (hits & ~(1u << blk)) | (uint32_t(hit) << blk);
       }
     }
-    kept.add(__reduce_or_sync(0xffffffffu, hits), 1 + s * kBlocks, kBlocks, n_end, words, lane);
+    const int valid = n_end - 1 - s * kBlocks;  // candidates left; blocks >= n_end are dropped
+    const uint32_t warp_hits = __reduce_or_sync(0xffffffffu, hits) & (valid >= kBlocks ? ~0u : (1u << valid) - 1u);
+    kept |= warp_hits << ((s * kBlocks) & 31);
+    if (((s + 1) * kBlocks & 31) == 0 || s == steps - 1) {
+      const int w = (s * kBlocks) >> 5;
+      if (lane == 0 && (kept << 1) != 0) atomicOr(words + w, kept << 1);
+      if (lane == 0 && (kept >> 31) != 0) atomicOr(words + w + 1, kept >> 31);
+      kept = 0;
+    }
     Barrier::arrive(&sm.empty[stage]);  // this thread is done with the stage (every thread arrives:
                                         // each read is ordered before its own release)
   }
 }
 
+namespace ws {
+
+inline cudaError_t encode_result(CUresult r) { return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue; }
+
+// A 1D float map over `count` elements from ptr, boxes of kRowBox (see KeyMaps for the shift).
+inline cudaError_t encode_rows(CUtensorMap* map, int* shift, const float* ptr, int64_t count) {
+  const auto addr = reinterpret_cast<uintptr_t>(ptr);
+  const uintptr_t base = addr & ~uintptr_t(15);
+  *shift = int((addr - base) / sizeof(float));
+  const cuuint64_t dim[1] = {cuuint64_t(count + *shift)};
+  const cuuint64_t stride[1] = {dim[0] * sizeof(float)};  // rank 1: not read
+  const cuuint32_t box[1] = {kRowBox}, elem[1] = {1};
+  return encode_result(CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
+      map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 1, reinterpret_cast<void*>(base), dim, stride, box, elem,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE));
+}
+
+// Key codes [rows, D] bytes, boxes of kStep rows, swizzled as CodeSmemAtom<D> (128-byte rows:
+// 128B swizzle; 64-byte rows: 64B).
+template <int D>
+inline cudaError_t encode_codes(CUtensorMap* map, const int8_t* ptr, int64_t rows) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return cudaErrorMisalignedAddress;
+  const cuuint64_t dim[2] = {cuuint64_t(D), cuuint64_t(rows)};
+  const cuuint64_t stride[1] = {cuuint64_t(D)};
+  const cuuint32_t box[2] = {cuuint32_t(D), cuuint32_t(kStep)}, elem[2] = {1, 1};
+  return encode_result(CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
+      map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<int8_t*>(ptr), dim, stride, box, elem,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, D == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE));
+}
+
+}  // namespace ws
+
+// Needs key_rows_fit_tma(p) (launch_block_mask_impl falls back to the mma.sync scorer otherwise).
 template <int D, int BK, int HEADS>
 cudaError_t launch_candidate_ws(const BlockMaskParams& p, cudaStream_t stream) {
+  static_assert(D == 64 || D == 128, "code rows of 64 or 128 bytes");
+  ws::KeyMaps maps;
+  cudaError_t err = ws::encode_codes<D>(&maps.k_codes, p.k_codes, key_side_rows(p, p.kv_heads));
+  if (err == cudaSuccess) err = ws::encode_rows(&maps.k_scale, &maps.k_scale_shift, p.k_scale, key_side_rows(p, p.kv_heads));
+  if (err == cudaSuccess) err = ws::encode_rows(&maps.qk_bias, &maps.qk_bias_shift, p.qk_bias, key_side_rows(p, p.q_heads));
+  if (err != cudaSuccess) return err;
   const int bytes = int(sizeof(ws::Smem<D, HEADS>)) + 1024;
   auto kernel =
       p.cu_seqlens_q != nullptr ? candidate_kernel_ws<D, BK, HEADS, true> : candidate_kernel_ws<D, BK, HEADS, false>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.nQ, p.q_heads / HEADS, p.batch);
-  kernel<<<grid, 128 * HEADS + ws::kProducerThreads, bytes, stream>>>(p);
+  kernel<<<grid, 128 * HEADS + ws::kProducerThreads, bytes, stream>>>(p, maps);
   return cudaGetLastError();
 }
 
