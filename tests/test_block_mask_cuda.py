@@ -95,6 +95,37 @@ def test_kernel_deterministic_and_strided():
     assert torch.equal(sale_ops.block_mask(qt, kt, tau), a)
 
 
+def _at_offset(t, elements):
+    """A contiguous copy of t whose data starts `elements` elements into a fresh buffer."""
+    buf = torch.zeros(t.numel() + elements, dtype=t.dtype, device=t.device)
+    view = buf[elements:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("nk", [1025, 4096])
+def test_kernel_scales_and_biases_at_any_offset(nk):
+    # The wgmma scorer reads k_scale and qk_bias through 1D TMA boxes that must start on 16 bytes:
+    # buffers that start 1-3 floats past a boundary (and Nk not a multiple of 4) give the same mask.
+    q, k, _ = make_qkv(1, 8, 2, nk, 128, device="cuda", seed=5)
+    tau = torch.full((8,), 1e-3, device="cuda")
+    qz = sale_ops.quantize(q, k, bk=32)
+    want = torch.ops.sale.block_mask_bits(q, k, *qz, tau, 64, 32, 128, 128**-0.5)
+    for off in (1, 2, 3):
+        moved = list(qz)
+        moved[3], moved[4] = _at_offset(qz[3], off), _at_offset(qz[4], off)  # k_scale, qk_bias
+        got = torch.ops.sale.block_mask_bits(q, k, *moved, tau, 64, 32, 128, 128**-0.5)
+        assert torch.equal(got, want), off
+
+
+def test_kernel_rejects_misaligned_codes():
+    q, k, _ = make_qkv(1, 2, 2, 100, 64, device="cuda")
+    qz = list(sale_ops.quantize(q, k, bk=32))
+    qz[2] = _at_offset(qz[2], 8)  # k_codes 8 bytes past a 16-byte boundary
+    with pytest.raises(RuntimeError, match="'k_codes' must start on a 16-byte boundary"):
+        torch.ops.sale.block_mask_bits(q, k, *qz, torch.zeros(2, device="cuda"), 64, 32, 128, 0.125)
+
+
 def test_kernel_rejects_misaligned_rows():
     q, k, _ = make_qkv(1, 2, 2, 100, 64, device="cuda")
     qz = torch.ops.sale.quantize(q, k, 32)

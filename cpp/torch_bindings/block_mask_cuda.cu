@@ -57,6 +57,13 @@ bool wgmma_estimator() {
   return !(estimator && std::string(estimator) == "mma");
 }
 
+// The scorers copy code rows in 16-byte pieces (cp.async, TMA): a contiguous codes tensor must also
+// start on a 16-byte boundary (a view at an odd offset does not).
+void check_codes_aligned(const char* op, const Tensor& t, const char* name) {
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0, op, ": argument '", name,
+                  "' must start on a 16-byte boundary; call .clone() first");
+}
+
 Tensor block_mask_bits_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tensor k_codes, Tensor k_scale,
                             Tensor qk_bias, Tensor k_mean, Tensor tau, int64_t bq, int64_t bk, int64_t window,
                             double scale) {
@@ -93,6 +100,8 @@ Tensor block_mask_bits_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, 
   }
   STD_TORCH_CHECK(q_codes.size(2) == Nq && k_codes.size(2) == Nk && qk_bias.size(2) == Nk && tau.size(0) == Hq,
                      kOp, ": the quantized tensors do not match 'q' and 'k' (see sale.quantize)");
+  check_codes_aligned(kOp, q_codes, "q_codes");
+  check_codes_aligned(kOp, k_codes, "k_codes");
 
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   const cudaStream_t stream = sale_entry::current_stream(q);
@@ -181,6 +190,8 @@ Tensor block_mask_bits_varlen_cuda(Tensor q, Tensor k, Tensor cu_q, Tensor cu_k,
   check_quantized(kOp, k_scale, "k_scale", ScalarType::Float, Hkv, Tk, -1, q);
   check_quantized(kOp, qk_bias, "qk_bias", ScalarType::Float, Hq, Tk, -1, q);
   check_quantized(kOp, k_mean, "k_mean", ScalarType::Float, vb.batch, Hkv, D, q);
+  check_codes_aligned(kOp, q_codes, "q_codes");
+  check_codes_aligned(kOp, k_codes, "k_codes");
   vl::check_cuda(kOp, tau, "tau", q);
   STD_TORCH_CHECK(tau.scalar_type() == ScalarType::Float && tau.dim() == 1 && tau.size(0) == Hq && tau.is_contiguous(),
                   kOp, ": argument 'tau' must be a contiguous float32 [Hq] tensor");
