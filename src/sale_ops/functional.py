@@ -135,7 +135,7 @@ def attention(
             ``"cudnn"`` PyTorch's cuDNN attention where it applies (CUDA, ``Nq == Nk``; otherwise
             ``"exact"``): cuDNN's speed and its numerics (P rounded to the input dtype, so not held
             to SPEC §7's elementwise bound). With ``"cudnn"`` SALE only pays from a longer length:
-            about 24K keys at density 0.1 on an H100 (``benchmarks/bench_breakeven.py``).
+            about 16K keys at density 0.1 on an H100 (``benchmarks/bench_breakeven.py``).
         return_lse, return_block_mask: also return the log-sum-exp and/or the block mask with its
             density, as an :class:`AttentionOutput`.
 
