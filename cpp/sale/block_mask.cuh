@@ -394,25 +394,22 @@ __device__ __forceinline__ bool decide_block_mma(const int32_t (&acc)[2][kTiles]
   return __any_sync(0xffffffffu, hit);
 }
 
-// Per warp: the kept bits of the current 32-block word, flushed with one atomicOr per word.
+// Per warp, warp-uniform: kept candidates in candidate order c = n - 1 (block n = 1 + c; the
+// candidates are blocks 1 .. n_end - 1). Steps add `count` candidates at once, count dividing 32,
+// so a step never straddles a word in c; a full word goes out as two atomics (mask bits n = 32 w + 1
+// .. 32 w + 31 of word w and bit 0 of word w + 1).
 struct KeptBits {
   uint32_t bits = 0;
-  // Blocks n0 .. n0 + count - 1 (count <= 32) at once: bit i of warp_hits is block n0 + i.
-  __device__ __forceinline__ void add(uint32_t warp_hits, int n0, int count, int n_end, uint32_t* words,
-                                           int lane) {
-    const int last = min(n0 + count, n_end) - 1;  // blocks from n_end on are not candidates: dropped
-    if (last < n0) return;
-    const int valid = last - n0 + 1;
-    const uint64_t spread = uint64_t(warp_hits & (valid == 32 ? 0xffffffffu : (1u << valid) - 1u)) << (n0 & 31);
-    if ((n0 >> 5) != (last >> 5)) {  // the range crosses into the next word: flush this one
-      bits |= uint32_t(spread);
-      if (lane == 0 && bits != 0) atomicOr(words + (n0 >> 5), bits);
-      bits = uint32_t(spread >> 32);
-    } else {
-      bits |= uint32_t(spread);
-    }
-    if ((last & 31) == 31 || last == n_end - 1) {
-      if (lane == 0 && bits != 0) atomicOr(words + (last >> 5), bits);
+  // Candidates c0 .. c0 + count - 1: bit i of warp_hits is candidate c0 + i (block c0 + 1 + i);
+  // blocks from n_end on are not candidates and are dropped.
+  __device__ __forceinline__ void add(uint32_t warp_hits, int c0, int count, int n_end, uint32_t* words,
+                                      int lane) {
+    const int valid = n_end - 1 - c0;
+    bits |= (warp_hits & (valid >= count ? ~0u : (1u << valid) - 1u)) << (c0 & 31);
+    if (((c0 + count) & 31) == 0 || c0 + count >= n_end - 1) {
+      const int w = c0 >> 5;
+      if (lane == 0 && (bits << 1) != 0) atomicOr(words + w, bits << 1);
+      if (lane == 0 && (bits >> 31) != 0) atomicOr(words + w + 1, bits >> 31);
       bits = 0;
     }
   }
@@ -524,7 +521,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS) candidate_kernel(const 
         }
       }
     }
-    kept.add(decide_block_mma(acc, bj, d, rd, thr), n, 1, n_end, words, lane);
+    kept.add(decide_block_mma(acc, bj, d, rd, thr), n - 1, 1, n_end, words, lane);
   }
 }
 

@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS)
       }
     }
     // The decision, exactly as candidate_kernel makes it.
-    kept.add(decide_block_mma(acc, bj, d, rd, thr), n, 1, n_end, words, lane);
+    kept.add(decide_block_mma(acc, bj, d, rd, thr), n - 1, 1, n_end, words, lane);
   }
 }
 

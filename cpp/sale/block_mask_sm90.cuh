@@ -177,11 +177,8 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
   float thr[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) thr[r] = row0 + 8 * r < cta.s.nq ? p.row_threshold[q_rows + row0 + 8 * r] : INFINITY;
-  // Kept candidates in candidate order c = n - 1 (block n = 1 + c): a stage's kBlocks bits never
-  // straddle a 32-bit word in c, so a warp-uniform word collects 32 / kBlocks stages, then goes
-  // out as two atomics (mask bits n = 32 w + 1 .. 32 w + 31 and bit 0 of the next word).
-  static_assert(32 % kBlocks == 0, "stages tile the 32-candidate words");
-  uint32_t kept = 0;
+  static_assert(32 % kBlocks == 0, "stages tile KeptBits' 32-candidate words");
+  KeptBits kept;
 
   for (int s = 0; s < steps; ++s) {
     const int stage = s % kStages;
@@ -251,15 +248,7 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
         hits = (hits & ~(1u << blk)) | (uint32_t(hit) << blk);
       }
     }
-    const int valid = n_end - 1 - s * kBlocks;  // candidates left; blocks >= n_end are dropped
-    const uint32_t warp_hits = __reduce_or_sync(0xffffffffu, hits) & (valid >= kBlocks ? ~0u : (1u << valid) - 1u);
-    kept |= warp_hits << ((s * kBlocks) & 31);
-    if (((s + 1) * kBlocks & 31) == 0 || s == steps - 1) {
-      const int w = (s * kBlocks) >> 5;
-      if (lane == 0 && (kept << 1) != 0) atomicOr(words + w, kept << 1);
-      if (lane == 0 && (kept >> 31) != 0) atomicOr(words + w + 1, kept >> 31);
-      kept = 0;
-    }
+    kept.add(__reduce_or_sync(0xffffffffu, hits), s * kBlocks, kBlocks, n_end, words, lane);
     Barrier::arrive(&sm.empty[stage]);  // this thread is done with the stage (every thread arrives:
                                         // each read is ordered before its own release)
   }
