@@ -41,10 +41,6 @@ struct BlockMaskParams {
   int nQ, nK, nW;
   float scale;
   bool use_wgmma;  // score candidates with wgmma (block_mask_sm90.cuh) instead of mma.sync
-  // How the wgmma scorer adds the bias (ws::Variant): 0 accumulators start at it (int8 codes);
-  // 1 they start at 0 and it is added after the product (int8); 2 as 1 with fp8 e4m3 codes (the
-  // code pointers then hold e4m3 bytes).
-  int wgmma_variant;
   // Variable-length batch (both or neither; nullptr: batched): sequence b is rows [cu[b], cu[b + 1])
   // of q and k (packed [total, H, D], batch strides 0) and of the per-row buffers, which are then
   // [H, total(, D)] (k_mean stays [B, Hkv, D]); nq, nk, nQ, nK, nW are the longest sequence's, and

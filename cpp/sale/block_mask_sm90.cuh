@@ -29,10 +29,7 @@
 #include <cutlass/cuda_host_adapter.hpp>
 #include <cutlass/arch/reg_reconfig.h>
 
-#include <algorithm>
 #include <type_traits>
-
-#include <cuda_fp8.h>
 
 #include "sale/block_mask.cuh"
 
@@ -40,26 +37,9 @@ namespace sale {
 
 namespace ws {
 
-template <int D, typename Code = int8_t>
-using CodeSmemAtom = std::conditional_t<D == 128, cute::GMMA::Layout_K_SW128_Atom<Code>,
-                                        cute::GMMA::Layout_K_SW64_Atom<Code>>;
-
-// How the accumulators meet the bias (BlockMaskParams::wgmma_variant):
-//   kBiasInit:  int8 codes, accumulators start at the biased bias (no epilogue add);
-//   kBiasAfter: int8 codes, accumulators start at 0 and the biased bias is added after the
-//               product (the key scales are read while the tensor cores run);
-//   kFp8:       as kBiasAfter with fp8 e4m3 codes and fp32 accumulators (|E| <= 6272 is exact
-//               there; the bias is kept out of the product because Hopper's fp8 accumulation
-//               keeps only ~14 significant bits).
-enum Variant : int { kBiasInit = 0, kBiasAfter = 1, kFp8 = 2, kFp8BiasInit = 3 };
-// An accumulator element (int32 or fp32) from / to the bits of the biased value.
-template <bool FP32>
-__device__ __forceinline__ auto from_bits(int32_t x) {
-  if constexpr (FP32) return __int_as_float(x);
-  else return x;
-}
-__device__ __forceinline__ int32_t to_bits(float x) { return __float_as_int(x); }
-__device__ __forceinline__ int32_t to_bits(int32_t x) { return x; }
+template <int D>
+using CodeSmemAtom = std::conditional_t<D == 128, cute::GMMA::Layout_K_SW128_Atom<int8_t>,
+                                        cute::GMMA::Layout_K_SW64_Atom<int8_t>>;
 
 constexpr int kStep = 128;   // keys per pipeline stage (m64n128k32 wgmma)
 constexpr int kStages = 4;   // ring depth
@@ -98,7 +78,7 @@ struct KeyMaps {
 
 }  // namespace ws
 
-template <int D, int BK, int HEADS, bool VARLEN, int VARIANT = ws::kBiasInit>
+template <int D, int BK, int HEADS, bool VARLEN>
 __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
     candidate_kernel_ws(const BlockMaskParams p, const __grid_constant__ ws::KeyMaps maps) {
   using namespace cute;
@@ -108,11 +88,8 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
   using FullBarrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kBlocks = kStep / BK;  // candidate blocks per stage
   constexpr int kConsumers = 128 * HEADS;
-  constexpr bool kFp8 = VARIANT == ws::kFp8 || VARIANT == ws::kFp8BiasInit;
-  constexpr bool kBiasInit = VARIANT == ws::kBiasInit || VARIANT == ws::kFp8BiasInit;
-  using Code = std::conditional_t<kFp8, cutlass::float_e4m3_t, int8_t>;
-  using KLayout = decltype(tile_to_shape(ws::CodeSmemAtom<D, Code>{}, Shape<Int<kStep>, Int<D>>{}));
-  using QLayout = decltype(tile_to_shape(ws::CodeSmemAtom<D, Code>{}, Shape<Int<kBq>, Int<D>>{}));
+  using KLayout = decltype(tile_to_shape(ws::CodeSmemAtom<D>{}, Shape<Int<kStep>, Int<D>>{}));
+  using QLayout = decltype(tile_to_shape(ws::CodeSmemAtom<D>{}, Shape<Int<kBq>, Int<D>>{}));
 
   extern __shared__ unsigned char smem_raw[];
   // Swizzled tiles need 1024-byte alignment; the launch asks for 1 KiB of slack.
@@ -139,9 +116,9 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
     const int row = rest / (D / 16), col = (rest % (D / 16)) * 16;
     const int qrow = m * kBq + row;
     const bool in = qrow < cta.s.nq;
-    Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Code*>(sm.q[hh])), QLayout{});
+    Tensor sQ = make_tensor(make_smem_ptr(sm.q[hh]), QLayout{});
     const int8_t* src = p.q_codes + (q_rows_of<VARLEN>(p, cta.s, b, h0 + hh) + (in ? qrow : 0)) * D + col;
-    cp_async_16(reinterpret_cast<int8_t*>(raw_pointer_cast(&sQ(row, col))), src, in ? 16 : 0);
+    cp_async_16(raw_pointer_cast(&sQ(row, col)), src, in ? 16 : 0);
   }
   cp_async_commit();
   cp_async_wait<0>();
@@ -187,12 +164,9 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
   uint32_t* words = mask_words(p, cta, h);
   const int kscale_first = int(kscale_at & 3), bias_first = int(bias_at(wg) & 3);
 
-  using Atom = std::conditional_t<kFp8, SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_SS_TN<>,
-                                  SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN_SATURATE>;
-  auto tiled_mma = make_tiled_mma(Atom{});
+  auto tiled_mma = make_tiled_mma(SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN_SATURATE{});
   auto thr_mma = tiled_mma.get_slice(tid);
-  Tensor tCrA = thr_mma.make_fragment_A(
-      thr_mma.partition_A(make_tensor(make_smem_ptr(reinterpret_cast<Code*>(sm.q[wg])), QLayout{})));
+  Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(make_tensor(make_smem_ptr(sm.q[wg]), QLayout{})));
   using Acc = decltype(partition_fragment_C(tiled_mma, Shape<Int<kBq>, Int<kStep>>{}));
   static_assert(decltype(size(Acc{}))::value == kStep / 2, "64 x kStep over 128 threads");
   Acc acc;
@@ -210,88 +184,48 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
     const int stage = s % kStages;
     FullBarrier::wait(&sm.full[stage], (s / kStages) & 1);
 
+    // Accumulators start at the biased b~ (see biased_bias): the tensor cores add the bias and
+    // the epilogue is one integer max per element. Keys past Nk (last stage) give garbage in
+    // blocks >= n_end, which are never looked at.
     float d[kBlocks], rd[kBlocks];
-    auto block_scales = [&] {
 #pragma unroll
-      for (int blk = 0; blk < kBlocks; ++blk) {
-        d[blk] = sq * sm.kscale[stage][kscale_first + blk * BK + 2 * t];
-        rd[blk] = bias_reciprocal(d[blk]);
-      }
-    };
-    const float* bias = &sm.bias[stage][wg][bias_first + 2 * t];  // column (nt, c) at bias[nt * 8 + c]
-    // The biased b~ (see biased_bias) of the thread's column pairs. Pairs are 8-byte aligned only
-    // for an even bias_first (uniform per warpgroup).
-    auto for_column_pairs = [&](auto&& f) {
-      auto run = [&](auto aligned_pairs) {
-#pragma unroll
-        for (int nt = 0; nt < kStep / 8; ++nt) {
-          float2 bj;
-          if constexpr (decltype(aligned_pairs)::value) bj = *reinterpret_cast<const float2*>(bias + nt * 8);
-          else bj = make_float2(bias[nt * 8], bias[nt * 8 + 1]);
-          const float r = rd[nt / (BK / 8)];
-          f(nt, biased_bias(bj.x, r), biased_bias(bj.y, r));
-        }
-      };
-      if (bias_first % 2 == 0) run(std::true_type{});
-      else run(std::false_type{});
-    };
-    Tensor tCrB = thr_mma.make_fragment_B(
-        thr_mma.partition_B(make_tensor(make_smem_ptr(reinterpret_cast<Code*>(sm.k[stage])), KLayout{})));
-    // v(i) = kBiasedZero + b + E of accumulator element i, as integer bits.
-    int32_t v[kStep / 2];
-    if constexpr (kBiasInit) {
-      // Accumulators start at b~: the tensor cores add the bias and the epilogue is one integer max
-      // per element. Keys past Nk (last stage) give garbage in blocks >= n_end, never looked at.
-      block_scales();
-      for_column_pairs([&](int nt, int32_t b0, int32_t b1) {
-        acc(nt * 4 + 0) = acc(nt * 4 + 2) = ws::from_bits<kFp8>(b0);
-        acc(nt * 4 + 1) = acc(nt * 4 + 3) = ws::from_bits<kFp8>(b1);
-      });
-      warpgroup_fence_operand(acc);
-      warpgroup_arrive();
-      gemm(tiled_mma, tCrA, tCrB, acc);
-      warpgroup_commit_batch();
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc);
-#pragma unroll
-      for (int i = 0; i < kStep / 2; ++i) v[i] = ws::to_bits(acc(i));
-    } else {
-      // The product from zero; the key scales are read while the tensor cores run.
-      warpgroup_fence_operand(acc);
-      warpgroup_arrive();
-      tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
-#pragma unroll
-      for (int kb = 0; kb < size<2>(tCrA); ++kb) {
-        gemm(tiled_mma, tCrA(_, _, kb), tCrB(_, _, kb), acc);
-        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
-      }
-      warpgroup_commit_batch();
-      block_scales();
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc);
-      for_column_pairs([&](int nt, int32_t b0, int32_t b1) {
-        const int32_t b[2] = {b0, b1};
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if constexpr (kFp8) {  // E exact in fp32; E + (1.5 * 2^23 + b) exact in [2^23, 2^24)
-            v[nt * 4 + e] = __float_as_int(acc(nt * 4 + e) + __int_as_float(b[e % 2]));
-          } else {
-            v[nt * 4 + e] = acc(nt * 4 + e) + b[e % 2];
-          }
-        }
-      });
+    for (int blk = 0; blk < kBlocks; ++blk) {
+      d[blk] = sq * sm.kscale[stage][kscale_first + blk * BK + 2 * t];
+      rd[blk] = bias_reciprocal(d[blk]);
     }
+    const float* bias = &sm.bias[stage][wg][bias_first + 2 * t];  // column (nt, c) at bias[nt * 8 + c]
+    // Column pairs are 8-byte aligned only for an even bias_first (uniform per warpgroup).
+    auto init_acc = [&](auto aligned_pairs) {
+#pragma unroll
+      for (int nt = 0; nt < kStep / 8; ++nt) {
+        float2 bj;
+        if constexpr (decltype(aligned_pairs)::value) bj = *reinterpret_cast<const float2*>(bias + nt * 8);
+        else bj = make_float2(bias[nt * 8], bias[nt * 8 + 1]);
+        const float r = rd[nt / (BK / 8)];
+        acc(nt * 4 + 0) = acc(nt * 4 + 2) = biased_bias(bj.x, r);
+        acc(nt * 4 + 1) = acc(nt * 4 + 3) = biased_bias(bj.y, r);
+      }
+    };
+    if (bias_first % 2 == 0) init_acc(std::true_type{});
+    else init_acc(std::false_type{});
+    Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(make_tensor(make_smem_ptr(sm.k[stage]), KLayout{})));
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    gemm(tiled_mma, tCrA, tCrB, acc);
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc);
 
     // Per block: the approximate test; a warp-wide OR of the step's bits decides, and only blocks
     // some thread is unsure about are decided again exactly.
     uint32_t hits = 0, unsure_bits = 0;
 #pragma unroll
     for (int blk = 0; blk < kBlocks; ++blk) {
-      int32_t best[2] = {v[blk * (BK / 8) * 4], v[blk * (BK / 8) * 4 + 2]};
+      int32_t best[2] = {acc(blk * (BK / 8) * 4), acc(blk * (BK / 8) * 4 + 2)};
 #pragma unroll
       for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt) {
-        best[0] = max3(best[0], v[nt * 4], v[nt * 4 + 1]);
-        best[1] = max3(best[1], v[nt * 4 + 2], v[nt * 4 + 3]);
+        best[0] = max3(best[0], acc(nt * 4), acc(nt * 4 + 1));
+        best[1] = max3(best[1], acc(nt * 4 + 2), acc(nt * 4 + 3));
       }
       bool hit = false, unsure = false;
       approx_decide(best, d[blk], rd[blk], thr, hit, unsure);
@@ -307,8 +241,8 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
         for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt)
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            exact[0] = fmaxf(exact[0], exact_logit_units(v[nt * 4 + c], bias[nt * 8 + c], d[blk], rd[blk]));
-            exact[1] = fmaxf(exact[1], exact_logit_units(v[nt * 4 + 2 + c], bias[nt * 8 + c], d[blk], rd[blk]));
+            exact[0] = fmaxf(exact[0], exact_logit_units(acc(nt * 4 + c), bias[nt * 8 + c], d[blk], rd[blk]));
+            exact[1] = fmaxf(exact[1], exact_logit_units(acc(nt * 4 + 2 + c), bias[nt * 8 + c], d[blk], rd[blk]));
           }
         const bool hit = exact[0] * d[blk] > thr[0] || exact[1] * d[blk] > thr[1];
         hits = (hits & ~(1u << blk)) | (uint32_t(hit) << blk);
@@ -364,40 +298,12 @@ cudaError_t launch_candidate_ws(const BlockMaskParams& p, cudaStream_t stream) {
   if (err == cudaSuccess) err = ws::encode_rows(&maps.qk_bias, &maps.qk_bias_shift, p.qk_bias, key_side_rows(p, p.q_heads));
   if (err != cudaSuccess) return err;
   const int bytes = int(sizeof(ws::Smem<D, HEADS>)) + 1024;
+  auto kernel =
+      p.cu_seqlens_q != nullptr ? candidate_kernel_ws<D, BK, HEADS, true> : candidate_kernel_ws<D, BK, HEADS, false>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) return err;
   const dim3 grid(p.nQ, p.q_heads / HEADS, p.batch);
-  auto launch = [&](auto variant) -> cudaError_t {
-    constexpr int kVariant = decltype(variant)::value;
-    auto kernel = p.cu_seqlens_q != nullptr ? candidate_kernel_ws<D, BK, HEADS, true, kVariant>
-                                            : candidate_kernel_ws<D, BK, HEADS, false, kVariant>;
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (e != cudaSuccess) return e;
-    kernel<<<grid, 128 * HEADS + ws::kProducerThreads, bytes, stream>>>(p, maps);
-    return cudaGetLastError();
-  };
-  if (p.wgmma_variant == ws::kFp8) return launch(std::integral_constant<int, ws::kFp8>{});
-  if (p.wgmma_variant == ws::kFp8BiasInit) return launch(std::integral_constant<int, ws::kFp8BiasInit>{});
-  if (p.wgmma_variant == ws::kBiasAfter) return launch(std::integral_constant<int, ws::kBiasAfter>{});
-  return launch(std::integral_constant<int, ws::kBiasInit>{});
-}
-
-// int8 codes (-7..7) -> the same values as fp8 e4m3 bytes (exact), n a multiple of 16 bytes.
-__global__ void codes_to_e4m3_kernel(const int8_t* in, uint8_t* out, int64_t chunks) {
-  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
-    int4 raw = reinterpret_cast<const int4*>(in)[c];
-    const int8_t* x = reinterpret_cast<const int8_t*>(&raw);
-    int4 res;
-    uint8_t* o = reinterpret_cast<uint8_t*>(&res);
-#pragma unroll
-    for (int i = 0; i < 16; ++i) o[i] = __nv_cvt_float_to_fp8(float(x[i]), __NV_SATFINITE, __NV_E4M3);
-    reinterpret_cast<int4*>(out)[c] = res;
-  }
-}
-
-inline cudaError_t launch_codes_to_e4m3(const int8_t* in, uint8_t* out, int64_t bytes, cudaStream_t stream) {
-  const int64_t chunks = bytes / 16;
-  if (chunks == 0) return cudaSuccess;
-  const int blocks = int(std::min<int64_t>((chunks + 255) / 256, 132 * 16));
-  codes_to_e4m3_kernel<<<blocks, 256, 0, stream>>>(in, out, chunks);
+  kernel<<<grid, 128 * HEADS + ws::kProducerThreads, bytes, stream>>>(p, maps);
   return cudaGetLastError();
 }
 

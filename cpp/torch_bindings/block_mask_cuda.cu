@@ -51,35 +51,10 @@ void set_selection_tensors(sale::BlockMaskParams& p, const Tensor& q_codes, cons
 }
 
 // The warp-specialised wgmma scorer is the default (faster, benchmarks/RESULTS.md);
-// SALE_OPS_ESTIMATOR=mma selects the mma.sync scorer, which decides identically, and =bias_after /
-// =fp8 the wgmma scorer's other variants (sale::ws::Variant; measured against each other there).
+// SALE_OPS_ESTIMATOR=mma selects the mma.sync scorer, which decides identically.
 bool wgmma_estimator() {
   const char* estimator = std::getenv("SALE_OPS_ESTIMATOR");
   return !(estimator && std::string(estimator) == "mma");
-}
-int wgmma_variant() {
-  const char* estimator = std::getenv("SALE_OPS_ESTIMATOR");
-  if (estimator && std::string(estimator) == "bias_after") return sale::ws::kBiasAfter;
-  if (estimator && std::string(estimator) == "fp8") return sale::ws::kFp8;
-  if (estimator && std::string(estimator) == "fp8_bias_init") return sale::ws::kFp8BiasInit;
-  return sale::ws::kBiasInit;
-}
-
-// The fp8 variant reads e4m3 copies of the codes (scratch freed with the call).
-struct E4m3Codes {
-  Tensor q, k;
-};
-E4m3Codes use_e4m3_codes(sale::BlockMaskParams& p, const Tensor& q_codes, const Tensor& k_codes, cudaStream_t stream) {
-  E4m3Codes c{torch::stable::new_empty(q_codes, {q_codes.numel()}, ScalarType::Byte),
-              torch::stable::new_empty(k_codes, {k_codes.numel()}, ScalarType::Byte)};
-  cudaError_t err = sale::launch_codes_to_e4m3(p.q_codes, static_cast<uint8_t*>(c.q.mutable_data_ptr()),
-                                               q_codes.numel(), stream);
-  if (err == cudaSuccess)
-    err = sale::launch_codes_to_e4m3(p.k_codes, static_cast<uint8_t*>(c.k.mutable_data_ptr()), k_codes.numel(), stream);
-  STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
-  p.q_codes = static_cast<const int8_t*>(c.q.const_data_ptr());
-  p.k_codes = static_cast<const int8_t*>(c.k.const_data_ptr());
-  return c;
 }
 
 // The scorers copy code rows in 16-byte pieces (cp.async, TMA): a contiguous codes tensor must also
@@ -145,16 +120,13 @@ Tensor block_mask_bits_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, 
   p.bk = int(bk), p.window = int(window), p.nQ = int(nQ), p.nK = int(nK), p.nW = int(nW);
   p.scale = float(scale);
   p.use_wgmma = wgmma_estimator();
-  p.wgmma_variant = wgmma_variant();
   cudaError_t err;
-  E4m3Codes e4m3;
   if (sale_entry::kernel_path(kOp, q.get_device_index()) == sale_entry::KernelPath::kSm8x) {
     Tensor k_packed = torch::stable::new_empty(
         q, {int64_t(sale_sm8x_entry::block_mask_s4_scratch_bytes(B, Hkv, Nk, D))}, ScalarType::Byte);
     err = sale_sm8x_entry::launch_block_mask(&p, sizeof p, static_cast<uint8_t*>(k_packed.mutable_data_ptr()),
                                              dt == ScalarType::BFloat16, int(D), stream);
   } else {
-    if (p.use_wgmma && (p.wgmma_variant == sale::ws::kFp8 || p.wgmma_variant == sale::ws::kFp8BiasInit)) e4m3 = use_e4m3_codes(p, q_codes, k_codes, stream);
     err = sale::launch_block_mask(p, dt == ScalarType::BFloat16, int(D), stream);
   }
   STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
