@@ -91,6 +91,18 @@ __device__ __forceinline__ WorkItem work_item(const BlockSparseAttentionParams& 
   const int x = rest / group, h = (kv % p.kv_heads) * group + rest % group;
   return {2 * (pairs - 1 - x), h, kv / p.kv_heads};
 }
+// Position in the ring of N stages: the running index, its stage and the parity of its pass,
+// stepped together (N need not be a power of two: no division per step).
+template <int N>
+struct RingCursor {
+  int index = 0, stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    ++index;
+    if (++stage == N) stage = 0, phase ^= 1;
+  }
+};
+
 // Stages that carry no data, only a mark: a work item starts (its index in Smem::item), or no
 // work is left.
 constexpr int kOwnerHeader = -1;
@@ -229,11 +241,10 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
     __half* v_dst = reinterpret_cast<__half*>(raw_pointer_cast(&sV0(col, slot0)));
     const int k_step = int(raw_pointer_cast(&sK0(kSlotStep, 0)) - raw_pointer_cast(&sK0(0, 0)));
     const int v_step = int(raw_pointer_cast(&sV0(0, kSlotStep)) - raw_pointer_cast(&sV0(0, 0)));
-    int s = 0;  // stages issued
+    RingCursor<kStages> ring;  // stages issued
     auto next_stage = [&]() {
-      const int stage = s % kStages;
-      if (s >= kStages) Barrier::wait(&sm.empty[stage], ((s / kStages) & 1) ^ 1);
-      return stage;
+      if (ring.index >= kStages) Barrier::wait(&sm.empty[ring.stage], ring.phase ^ 1);
+      return ring.stage;
     };
     // A stage without data: only its mark (and the item a header starts).
     auto issue_mark = [&](int mark, long long item) {
@@ -241,7 +252,7 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
       if (ptid == 0) sm.owner[stage] = mark, sm.item[stage] = item;
       Barrier::arrive(&sm.full[stage]);
       if (ptid == 0) Barrier::arrive(&sm.full[stage]);  // releases the mark written above
-      ++s;
+      ring.advance();
     };
     for (;;) {
       if (ptid == 0) sm.next_item = static_cast<long long>(atomicAdd(item_counter, 1ull));
@@ -343,7 +354,7 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
         }
         cutlass::arch::cpasync_barrier_arrive_noinc(&sm.full[stage]);
         if (ptid == 0) Barrier::arrive(&sm.full[stage]);  // releases the description written above
-        ++s;
+        ring.advance();
       };
       for (int c0 = 0; c0 < n_end; c0 += kChunk) {
         const int c1 = min(c0 + kChunk, n_end);
@@ -391,7 +402,7 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
   // A warpgroup that holds tile `cur` may look only up to cur + kStages - 1: the producer refills
   // cur's stage next.
   constexpr int kEnd = -1, kNone = -2;
-  int scanned = 0;  // stages [0, scanned) are behind this warpgroup
+  RingCursor<kStages> scan;  // stages [0, scan.index) are behind this warpgroup
   auto issue_qk = [&](int stage) {
     Tensor tSrK = thr_qk.partition_fragment_B(make_tensor(make_smem_ptr(reinterpret_cast<CT*>(sm.k[stage])), KLayout{}));
     mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
@@ -411,12 +422,11 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
     // The next item's header, or the end of all work.
     long long item;
     {
-      const int stage = scanned % kStages;
-      Barrier::wait(&sm.full[stage], (scanned / kStages) & 1);
-      const int mark = sm.owner[stage];
-      item = sm.item[stage];
-      Barrier::arrive(&sm.empty[stage]);
-      ++scanned;
+      Barrier::wait(&sm.full[scan.stage], scan.phase);
+      const int mark = sm.owner[scan.stage];
+      item = sm.item[scan.stage];
+      Barrier::arrive(&sm.empty[scan.stage]);
+      scan.advance();
       if (mark == kOwnerFinish) break;
     }
     const WorkItem it = work_item(p, item);
@@ -441,20 +451,22 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
     clear(tOrO);
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // row_sum: this thread's part
 
-    // The first tile in [scanned, limit) this warpgroup owns, releasing the ones it skips: its
-    // index, kEnd at the item's end (the next mark, left for the loop above), kNone if there is
-    // none before limit.
-    auto next_tile = [&](int limit) -> int {
-      for (; scanned < limit; ++scanned) {
-        const int stage = scanned % kStages;
-        Barrier::wait(&sm.full[stage], (scanned / kStages) & 1);
-        const int owner = sm.owner[stage];
+    // The first tile in [scan.index, limit) this warpgroup owns, releasing the ones it skips: its
+    // index (its stage in `stage`), kEnd at the item's end (the next mark, left for the loop
+    // above), kNone if there is none before limit.
+    auto next_tile = [&](int limit, int& stage) -> int {
+      for (; scan.index < limit; scan.advance()) {
+        Barrier::wait(&sm.full[scan.stage], scan.phase);
+        const int owner = sm.owner[scan.stage];
         if (owner < 0) return kEnd;
         if ((owner >> wg) & 1) {
           asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // cp.async wrote, wgmma reads
-          return scanned++;
+          stage = scan.stage;
+          const int index = scan.index;
+          scan.advance();
+          return index;
         }
-        Barrier::arrive(&sm.empty[stage]);
+        Barrier::arrive(&sm.empty[scan.stage]);
       }
       return kNone;
     };
@@ -521,12 +533,13 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
     float alpha[2];
     clear(tOrP);
     clear(tOrPlo);
-    int cur = -1;  // the tile whose P is in tOrP (-1: none, P = 0)
+    int cur = -1, cur_stage = 0;  // the tile whose P is in tOrP (-1: none, P = 0) and its stage
     for (;;) {
-      const int nxt = next_tile(cur >= 0 ? cur + kStages : INT_MAX);
+      int nxt_stage = 0;
+      const int nxt = next_tile(cur >= 0 ? cur + kStages : INT_MAX, nxt_stage);
       if (cur < 0 && nxt == kEnd) break;
       // Both products read real tiles only (a mark's stage is never an operand).
-      const int qk_stage = (nxt >= 0 ? nxt : cur) % kStages, pv_stage = (cur >= 0 ? cur : nxt) % kStages;
+      const int qk_stage = nxt >= 0 ? nxt_stage : cur_stage, pv_stage = cur >= 0 ? cur_stage : nxt_stage;
       warpgroup_fence_operand(tSrS);
       warpgroup_fence_operand(tOrP);
       warpgroup_fence_operand(tOrPlo);
@@ -538,10 +551,10 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
       warpgroup_commit_batch();
       warpgroup_wait<1>();  // S of the next tile is ready; P V may still run
       warpgroup_fence_operand(tSrS);
-      if (nxt >= 0) softmax(nxt % kStages, alpha);
+      if (nxt >= 0) softmax(nxt_stage, alpha);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
-      if (cur >= 0) Barrier::arrive(&sm.empty[cur % kStages]);  // every consumer thread releases it
+      if (cur >= 0) Barrier::arrive(&sm.empty[cur_stage]);  // every consumer thread releases it
       if (nxt < 0) {  // end, or no owned tile within reach: drained, look further with nothing pending
         if (nxt == kEnd) break;
         cur = -1;
@@ -550,7 +563,7 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
         continue;
       }
       rescale_and_convert(alpha);
-      cur = nxt;
+      cur = nxt, cur_stage = nxt_stage;
     }
     if (m < n_q_blocks) {  // the odd last query block has no partner
       // Epilogue: O and l both carry the 2^kPShift of P; O also V's 2^-e, undone here exactly.
