@@ -70,7 +70,7 @@ struct Smem {
   alignas(1024) __half v[STAGES][KEYS * D];
   int list[3][kChunk];       // the producer's compacted kept blocks: of both rows, of m0, of m0 + 1
   int key0[STAGES][KEYS / 32];  // first key of each block of the stage's tile (Nk: missing block)
-  int owner[STAGES];         // bit w: query block m0 + w computes the tile; < 0: a mark (below)
+  int owner[STAGES];         // bit w: query block m0 + w computes the tile, | kNeedsMask; < 0: a mark (below)
   long long item[STAGES];    // kOwnerHeader: the work item that starts here
   long long next_item;       // the producer's latest draw from the work counter
   int warp_count[2][3][4];   // double-buffered so one barrier per compaction round suffices
@@ -106,6 +106,9 @@ struct RingCursor {
 // Stages that carry no data, only a mark: a work item starts (its index in Smem::item), or no
 // work is left.
 constexpr int kOwnerHeader = -1;
+// Owner flag: some key of the tile is missing or lies past an owner row's causal end, so the
+// consumer masks S (a tile without it needs no look at its blocks' positions).
+constexpr int kNeedsMask = 4;
 constexpr int kOwnerFinish = -2;
 
 // The power of two e with |V| * 2^-e < kVLimit for every V (0 when V already fits). amax_bits holds
@@ -350,7 +353,10 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
         if (ptid == 0) {
 #pragma unroll
           for (int blk = 0; blk < kPer; ++blk) sm.key0[stage][blk] = key0[blk];
-          sm.owner[stage] = owner;
+          // Blocks ascend (missing ones, key0 = nk, last): the last block decides, against the
+          // first row of the owner's lower query block.
+          const int last = key0[kPer - 1] + BK - 1, row_end = (owner == 2 ? m0 + 1 : m0) * kRows + nk - sp.nq;
+          sm.owner[stage] = owner | (last >= nk || (p.causal && last > row_end) ? kNeedsMask : 0);
         }
         cutlass::arch::cpasync_barrier_arrive_noinc(&sm.full[stage]);
         if (ptid == 0) Barrier::arrive(&sm.full[stage]);  // releases the description written above
@@ -454,14 +460,14 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
     // The first tile in [scan.index, limit) this warpgroup owns, releasing the ones it skips: its
     // index (its stage in `stage`), kEnd at the item's end (the next mark, left for the loop
     // above), kNone if there is none before limit.
-    auto next_tile = [&](int limit, int& stage) -> int {
+    auto next_tile = [&](int limit, int& stage, int& flags) -> int {
       for (; scan.index < limit; scan.advance()) {
         Barrier::wait(&sm.full[scan.stage], scan.phase);
         const int owner = sm.owner[scan.stage];
         if (owner < 0) return kEnd;
         if ((owner >> wg) & 1) {
           asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // cp.async wrote, wgmma reads
-          stage = scan.stage;
+          stage = scan.stage, flags = owner;
           const int index = scan.index;
           scan.advance();
           return index;
@@ -471,10 +477,10 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
       return kNone;
     };
     // Masks, then the online softmax on S in place (exponents in fp32); returns the rescale factors.
-    auto softmax = [&](int stage, float (&alpha)[2]) {
+    auto softmax = [&](int stage, bool masked, float (&alpha)[2]) {
       // Element i: column 8 (i / 4) + 2t + i % 2 of the tile, row + 8 ((i / 2) % 2).
 #pragma unroll
-      for (int blk = 0; blk < kPer; ++blk) {
+      for (int blk = 0; blk < kPer && masked; ++blk) {
         const int key0 = sm.key0[stage][blk];
         if (key0 + BK > nk || (p.causal && key0 + BK - 1 > first_row_end)) {
 #pragma unroll
@@ -535,8 +541,8 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
     clear(tOrPlo);
     int cur = -1, cur_stage = 0;  // the tile whose P is in tOrP (-1: none, P = 0) and its stage
     for (;;) {
-      int nxt_stage = 0;
-      const int nxt = next_tile(cur >= 0 ? cur + kStages : INT_MAX, nxt_stage);
+      int nxt_stage = 0, nxt_flags = 0;
+      const int nxt = next_tile(cur >= 0 ? cur + kStages : INT_MAX, nxt_stage, nxt_flags);
       if (cur < 0 && nxt == kEnd) break;
       // Both products read real tiles only (a mark's stage is never an operand).
       const int qk_stage = nxt >= 0 ? nxt_stage : cur_stage, pv_stage = cur >= 0 ? cur_stage : nxt_stage;
@@ -551,7 +557,7 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
       warpgroup_commit_batch();
       warpgroup_wait<1>();  // S of the next tile is ready; P V may still run
       warpgroup_fence_operand(tSrS);
-      if (nxt >= 0) softmax(nxt_stage, alpha);
+      if (nxt >= 0) softmax(nxt_stage, nxt_flags & kNeedsMask, alpha);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       if (cur >= 0) Barrier::arrive(&sm.empty[cur_stage]);  // every consumer thread releases it
