@@ -106,10 +106,10 @@ struct RingCursor {
 // Stages that carry no data, only a mark: a work item starts (its index in Smem::item), or no
 // work is left.
 constexpr int kOwnerHeader = -1;
+constexpr int kOwnerFinish = -2;
 // Owner flag: some key of the tile is missing or lies past an owner row's causal end, so the
 // consumer masks S (a tile without it needs no look at its blocks' positions).
 constexpr int kNeedsMask = 4;
-constexpr int kOwnerFinish = -2;
 
 // The power of two e with |V| * 2^-e < kVLimit for every V (0 when V already fits). amax_bits holds
 // max |V| as float bits (non-negative floats order like their bits); inf/NaN give 0 (the output
