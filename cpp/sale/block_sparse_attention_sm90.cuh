@@ -110,6 +110,14 @@ constexpr int kOwnerFinish = -2;
 // Owner flag: some key of the tile is missing or lies past an owner row's causal end, so the
 // consumer masks S (a tile without it needs no look at its blocks' positions).
 constexpr int kNeedsMask = 4;
+// Keys [key0, key0 + BK) need masking for a query block whose first row sees keys up to row_end
+// when one of them is missing (>= nk) or, causally, past that end. The producer asks it of a
+// tile's last block (the flag), a consumer of each block of a flagged tile.
+template <int BK>
+__device__ __forceinline__ bool block_needs_mask(int key0, int nk, bool causal, int row_end) {
+  const int last = key0 + BK - 1;
+  return last >= nk || (causal && last > row_end);
+}
 
 // The power of two e with |V| * 2^-e < kVLimit for every V (0 when V already fits). amax_bits holds
 // max |V| as float bits (non-negative floats order like their bits); inf/NaN give 0 (the output
@@ -355,8 +363,8 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
           for (int blk = 0; blk < kPer; ++blk) sm.key0[stage][blk] = key0[blk];
           // Blocks ascend (missing ones, key0 = nk, last): the last block decides, against the
           // first row of the owner's lower query block.
-          const int last = key0[kPer - 1] + BK - 1, row_end = (owner == 2 ? m0 + 1 : m0) * kRows + nk - sp.nq;
-          sm.owner[stage] = owner | (last >= nk || (p.causal && last > row_end) ? kNeedsMask : 0);
+          const int row_end = (owner == 2 ? m0 + 1 : m0) * kRows + nk - sp.nq;
+          sm.owner[stage] = owner | (block_needs_mask<BK>(key0[kPer - 1], nk, p.causal, row_end) ? kNeedsMask : 0);
         }
         cutlass::arch::cpasync_barrier_arrive_noinc(&sm.full[stage]);
         if (ptid == 0) Barrier::arrive(&sm.full[stage]);  // releases the description written above
@@ -482,7 +490,7 @@ __global__ void __launch_bounds__(bsa90::kThreads, 1)
 #pragma unroll
       for (int blk = 0; blk < kPer && masked; ++blk) {
         const int key0 = sm.key0[stage][blk];
-        if (key0 + BK > nk || (p.causal && key0 + BK - 1 > first_row_end)) {
+        if (block_needs_mask<BK>(key0, nk, p.causal, first_row_end)) {
 #pragma unroll
           for (int e = 0; e < BK / 2; ++e) {
             const int j = key0 + (e / 4) * 8 + 2 * t + e % 2, r = (e / 2) % 2;

@@ -38,28 +38,24 @@ cudaError_t launch(sale::BlockSparseAttentionParams p, Kernel kernel, bool bf16,
   CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   unsigned long long* counter = nullptr;
   CUDA_OK(cudaMalloc(&counter, sizeof(unsigned long long)));
-  if (!bf16) {
-    const cudaError_t err = sale::launch_block_sparse_attention_sm90(p, nullptr, counter, sms, false, D, bk, false, nullptr);
-    CUDA_OK(cudaDeviceSynchronize());
-    CUDA_OK(cudaFree(counter));
-    return err;
+  sale::ConvertVParams cv{};  // bf16 only: V converted to fp16 (cv.out, cv.amax_bits stay null otherwise)
+  if (bf16) {
+    cv.v = static_cast<const __nv_bfloat16*>(p.v);
+    cv.batch_stride = p.v_batch_stride, cv.head_stride = p.v_head_stride, cv.row_stride = p.v_row_stride;
+    // Packed (cu_seqlens): one "batch" holding every sequence's rows, as the torch entry converts it.
+    const bool packed = p.cu_seqlens_k != nullptr;
+    const int rows_per_head = packed ? p.batch * p.nk : p.nk;
+    cv.heads = p.kv_heads, cv.nk = rows_per_head, cv.d = D;
+    cv.rows = int64_t(packed ? 1 : p.batch) * p.kv_heads * rows_per_head;
+    CUDA_OK(cudaMalloc(&cv.out, v_elems * sizeof(__half)));
+    CUDA_OK(cudaMalloc(&cv.amax_bits, sizeof(unsigned)));
+    CUDA_OK(sale::launch_convert_v(cv, sms, nullptr));
+    p.v = cv.out;
+    p.v_row_stride = D, p.v_head_stride = int64_t(rows_per_head) * D;
+    p.v_batch_stride = packed ? 0 : int64_t(p.kv_heads) * p.nk * D;  // packed: sequences are located by their rows
   }
-  sale::ConvertVParams cv{};
-  cv.v = static_cast<const __nv_bfloat16*>(p.v);
-  cv.batch_stride = p.v_batch_stride, cv.head_stride = p.v_head_stride, cv.row_stride = p.v_row_stride;
-  // Packed (cu_seqlens): one "batch" holding every sequence's rows, as the torch entry converts it.
-  const bool packed = p.cu_seqlens_k != nullptr;
-  const int rows_per_head = packed ? p.batch * p.nk : p.nk;
-  cv.heads = p.kv_heads, cv.nk = rows_per_head, cv.d = D;
-  cv.rows = int64_t(packed ? 1 : p.batch) * p.kv_heads * rows_per_head;
-  CUDA_OK(cudaMalloc(&cv.out, v_elems * sizeof(__half)));
-  CUDA_OK(cudaMalloc(&cv.amax_bits, sizeof(unsigned)));
-  CUDA_OK(sale::launch_convert_v(cv, sms, nullptr));
-  p.v = cv.out;
-  p.v_row_stride = D, p.v_head_stride = int64_t(rows_per_head) * D;
-  p.v_batch_stride = packed ? 0 : int64_t(p.kv_heads) * p.nk * D;  // packed: sequences are located by their rows
-  const bool fast_p = kernel == Kernel::kWgmmaFastP;
-  const cudaError_t err = sale::launch_block_sparse_attention_sm90(p, cv.amax_bits, counter, sms, true, D, bk, fast_p, nullptr);
+  const bool fast_p = kernel == Kernel::kWgmmaFastP;  // bf16 only; the launch ignores it for fp16
+  const cudaError_t err = sale::launch_block_sparse_attention_sm90(p, cv.amax_bits, counter, sms, bf16, D, bk, fast_p, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
   CUDA_OK(cudaFree(counter));
   CUDA_OK(cudaFree(cv.out));

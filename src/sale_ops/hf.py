@@ -67,9 +67,10 @@ NAME = "sale"
 # ~3 times). Calibrate (python -m sale_ops.calibrate) for a known accuracy.
 DEFAULT_THRESHOLD = 1e-3
 # Prompts with fewer keys go to the model's exact attention (sdpa: cuDNN or FlashAttention on a
-# GPU). Measured on an H100 (benchmarks/bench_breakeven.py, session 6): SALE beats cuDNN from ~16K
-# keys at block density 0.1 (Llama-3.1-8B shape) and from ~48K at density 0.25, so below 32K keys
-# the exact path is the faster one at the densities real prompts give. Evaluation and calibration pass dense_below=0 to study SALE itself.
+# GPU). Measured on an H100 (benchmarks/bench_breakeven.py, sessions 6 and 7): SALE beats cuDNN
+# from ~16K keys at block density 0.1 (Llama-3.1-8B shape) and from ~48K at density 0.25, so below
+# 32K keys the exact path is the faster one at the densities real prompts give. Evaluation and
+# calibration pass dense_below=0 to study SALE itself.
 DEFAULT_DENSE_BELOW = 32768
 
 # Keyword arguments of transformers' attention call that SALE does not implement; any of them
