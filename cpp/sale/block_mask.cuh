@@ -352,28 +352,10 @@ __device__ __forceinline__ void approx_decide(const int32_t (&best)[2], float d,
   unsure |= !valid || (!surely && maybe);
 }
 
-// fl(a / b), the correctly rounded fp32 quotient, without the function call of __fdiv_rn's slow
-// path: a call while a wgmma is in flight makes ptxas serialise every wgmma of the kernel. The
-// quotient of two floats lies at least 2^-49 (relative) away from the midpoint between two
-// floats, so a double quotient within 2^-50 of it rounds to the right float: a reciprocal from
-// MUFU refined by two Newton steps (error ~2^-52) times a. Results below FLT_MIN may round
-// differently; callers take rint, which is 0 for both. b = 0 or inf give what IEEE division does.
-__device__ __forceinline__ float quotient_rn(float a, float b) {
-  const double bd = b;
-  double r;
-  asm("rcp.approx.ftz.f64 %0, %1;\n" : "=d"(r) : "d"(bd));
-  r = fma(r, fma(-bd, r, 1.0), r);
-  r = fma(r, fma(-bd, r, 1.0), r);
-  const float q = __double2float_rn(double(a) * r);
-  if (b == 0.f) return a == 0.f || isnan(a) ? NAN : copysignf(INFINITY, a) * copysignf(1.f, b);
-  if (isinf(b)) return isinf(a) || isnan(a) ? NAN : copysignf(0.f, a) * copysignf(1.f, b);
-  return q;
-}
-
 // The exact contribution of one accumulator pair of columns: E = acc - b~ exactly (integers),
 // then E + b in fp32 with b = rint(bias / d), as the reference sums it.
 __device__ __forceinline__ float exact_logit_units(int32_t acc, float bias, float d, float rd) {
-  return float(acc - biased_bias(bias, rd)) + rintf(quotient_rn(bias, d));
+  return float(acc - biased_bias(bias, rd)) + rintf(__fdiv_rn(bias, d));
 }
 
 // The kept test of one candidate block in the mma.sync scorers (8-bit: candidate_kernel; int4:

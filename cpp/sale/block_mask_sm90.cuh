@@ -8,13 +8,13 @@
 //     and an "empty" mbarrier; the warpgroup gives most of its registers to the consumers
 //     (setmaxnreg). TMA writes through the async proxy, so wgmma may read a full stage without a
 //     proxy fence, and one thread issues a stage in a handful of instructions;
-//   - two consumer warpgroups (one when the CTA takes a single head) share the CTA's query heads;
-//     each holds two accumulators and runs its jobs (stage, head) as a two-deep software pipeline:
-//     while the tensor cores multiply one job's query codes (in shared memory, loaded once) by the
-//     stage's keys (wgmma.m64nNk32.s8, SS, the accumulators starting at the bias in code units),
-//     the warpgroup reduces the previous job to one integer max per row and block and compares it
-//     with the row threshold. A warpgroup thus never waits for its own products, which a single
-//     accumulator per head (four warpgroups, each waiting on its wgmma before its epilogue) did.
+//   - one consumer warpgroup per query head of the GQA group multiplies its 64 query codes
+//     (in shared memory, loaded once) by the stage's keys with wgmma.m64nNk32.s8 (SS), the
+//     accumulators starting at the bias in code units, then reduces each candidate block to
+//     one integer max per row and compares it with the row threshold.
+// The warpgroups wait on barriers, never on each other, so one warpgroup's epilogue overlaps
+// the others' tensor-core work.
+//
 // The accumulator of wgmma m64nN gives warp w rows 16w + g and 16w + g + 8 and columns
 // 8i + 2t, 8i + 2t + 1 (g = lane / 4, t = lane % 4): the ownership SPEC §2's scale groups follow,
 // so one (query scale, key scale) pair serves every element a thread holds in a key block.
@@ -44,17 +44,11 @@ using CodeSmemAtom = std::conditional_t<D == 128, cute::GMMA::Layout_K_SW128_Ato
 constexpr int kStep = 128;   // keys per pipeline stage (m64n128k32 wgmma)
 constexpr int kStages = 4;   // ring depth
 constexpr int kProducerThreads = 128;
-// Consumer warpgroups for a CTA of `heads` query heads, and the heads each one takes.
-template <int HEADS>
-constexpr int consumer_wgs() { return HEADS == 1 ? 1 : 2; }
-template <int HEADS>
-constexpr int threads() { return 128 * consumer_wgs<HEADS>() + kProducerThreads; }
-// setmaxnreg budgets with two consumer warpgroups: registers only move inside the CTA's launch
-// allocation (384 threads x 168), so the producer must give up what the consumers take (two
-// 64-register accumulators each). One consumer warpgroup (256 threads) needs no moving.
-constexpr int kProducerRegs = 40;
-constexpr int kConsumerRegs = 232;
-static_assert(kProducerThreads * kProducerRegs + 2 * 128 * kConsumerRegs <= threads<2>() * 168,
+// setmaxnreg budgets with 4 consumer warpgroups: registers only move inside the CTA's launch
+// allocation (640 threads x 96), so the producer must give up what the consumers take.
+constexpr int kProducerRegs = 32;
+constexpr int kConsumerRegs = 112;
+static_assert(kProducerThreads * kProducerRegs + 4 * 128 * kConsumerRegs <= (4 * 128 + kProducerThreads) * 96,
               "setmaxnreg budgets exceed the launch allocation (the consumers would wait forever)");
 
 // TMA needs a box of a 1D map to start on 16 bytes: the per-row buffers (row stride Nk floats)
@@ -85,7 +79,7 @@ struct KeyMaps {
 }  // namespace ws
 
 template <int D, int BK, int HEADS, bool VARLEN>
-__global__ void __launch_bounds__(ws::threads<HEADS>(), 1)
+__global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
     candidate_kernel_ws(const BlockMaskParams p, const __grid_constant__ ws::KeyMaps maps) {
   using namespace cute;
   using ws::kStages;
@@ -93,9 +87,7 @@ __global__ void __launch_bounds__(ws::threads<HEADS>(), 1)
   using Barrier = cutlass::arch::ClusterBarrier;
   using FullBarrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kBlocks = kStep / BK;  // candidate blocks per stage
-  constexpr int kWGs = ws::consumer_wgs<HEADS>(), kHeadsPerWG = HEADS / kWGs;
-  static_assert(kHeadsPerWG == 1 || kHeadsPerWG == 2, "a warpgroup alternates its two accumulators over its heads");
-  constexpr int kConsumers = 128 * kWGs;
+  constexpr int kConsumers = 128 * HEADS;
   using KLayout = decltype(tile_to_shape(ws::CodeSmemAtom<D>{}, Shape<Int<kStep>, Int<D>>{}));
   using QLayout = decltype(tile_to_shape(ws::CodeSmemAtom<D>{}, Shape<Int<kBq>, Int<D>>{}));
 
@@ -140,7 +132,7 @@ __global__ void __launch_bounds__(ws::threads<HEADS>(), 1)
 
   if (threadIdx.x >= kConsumers) {
     // ---------------- producer warpgroup ----------------
-    if constexpr (kWGs == 2) cutlass::arch::warpgroup_reg_dealloc<ws::kProducerRegs>();
+    if constexpr (HEADS == 4) cutlass::arch::warpgroup_reg_dealloc<ws::kProducerRegs>();
     if (threadIdx.x != kConsumers) return;  // one thread issues every copy
     constexpr uint32_t kStageBytes = kStep * D + (HEADS + 1) * ws::kRowBox * sizeof(float);
     const uint64_t hint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
@@ -162,172 +154,106 @@ __global__ void __launch_bounds__(ws::threads<HEADS>(), 1)
     for (int s = max(0, steps - kStages); s < steps; ++s) Barrier::wait(&sm.empty[s % kStages], (s / kStages) & 1);
     return;
   }
-  if constexpr (kWGs == 2) cutlass::arch::warpgroup_reg_alloc<ws::kConsumerRegs>();
+  if constexpr (HEADS == 4) cutlass::arch::warpgroup_reg_alloc<ws::kConsumerRegs>();
 
-  // ---------------- consumer warpgroups: heads wg * kHeadsPerWG + hl ----------------
+  // ---------------- consumer warpgroups: one per query head ----------------
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int kscale_first = int(kscale_at & 3);
+  const int h = h0 + wg;
+  const int64_t q_rows = q_rows_of<VARLEN>(p, cta.s, b, h);
+  uint32_t* words = mask_words(p, cta, h);
+  const int kscale_first = int(kscale_at & 3), bias_first = int(bias_at(wg) & 3);
 
   auto tiled_mma = make_tiled_mma(SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN_SATURATE{});
   auto thr_mma = tiled_mma.get_slice(tid);
+  Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(make_tensor(make_smem_ptr(sm.q[wg]), QLayout{})));
   using Acc = decltype(partition_fragment_C(tiled_mma, Shape<Int<kBq>, Int<kStep>>{}));
   static_assert(decltype(size(Acc{}))::value == kStep / 2, "64 x kStep over 128 threads");
+  Acc acc;
 
-  // Per head of this warpgroup: rows g and g + 8 of the warp share one query scale (SPEC §2); a
-  // missing row never passes.
-  struct HeadRows {
-    float sq, thr[2];
-    uint32_t* words;
-    int bias_first;
-    KeptBits kept;
-  };
-  HeadRows heads[kHeadsPerWG];
+  // Rows g and g + 8 of the warp share one query scale (SPEC §2); a missing row never passes.
   const int row0 = m * kBq + warp * 16 + g;
+  const float sq = row0 < cta.s.nq ? p.q_scale[q_rows + row0] : 1.f;
+  float thr[2];
 #pragma unroll
-  for (int hl = 0; hl < kHeadsPerWG; ++hl) {
-    const int hh = wg * kHeadsPerWG + hl;
-    const int64_t q_rows = q_rows_of<VARLEN>(p, cta.s, b, h0 + hh);
-    heads[hl].sq = row0 < cta.s.nq ? p.q_scale[q_rows + row0] : 1.f;
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-      heads[hl].thr[r] = row0 + 8 * r < cta.s.nq ? p.row_threshold[q_rows + row0 + 8 * r] : INFINITY;
-    heads[hl].words = mask_words(p, cta, h0 + hh);
-    heads[hl].bias_first = int(bias_at(hh) & 3);
-  }
+  for (int r = 0; r < 2; ++r) thr[r] = row0 + 8 * r < cta.s.nq ? p.row_threshold[q_rows + row0 + 8 * r] : INFINITY;
   static_assert(32 % kBlocks == 0, "stages tile KeptBits' 32-candidate words");
+  KeptBits kept;
 
-  // One job: the stage of step s times head hl's query codes into an accumulator, with the
-  // block scales d = sq * sk and their reciprocals kept for the epilogue.
-  struct Job {
-    int s;
-    float d[kBlocks], rd[kBlocks];
-  };
-  // Accumulators start at the biased b~ (see biased_bias): the tensor cores add the bias and the
-  // epilogue is one integer max per element. Keys past Nk (last stage) give garbage in blocks
-  // >= n_end, which are never looked at.
-  auto wait_full = [&](int s) { FullBarrier::wait(&sm.full[s % kStages], (s / kStages) & 1); };
-  auto prepare = [&](auto hl, Acc& acc, Job& job) {
-    const int stage = job.s % kStages;
-    const HeadRows& hr = heads[hl];
-#pragma unroll
-    for (int blk = 0; blk < kBlocks; ++blk) {
-      job.d[blk] = hr.sq * sm.kscale[stage][kscale_first + blk * BK + 2 * t];
-      job.rd[blk] = bias_reciprocal(job.d[blk]);
-    }
-    const float* bias = &sm.bias[stage][wg * kHeadsPerWG + hl][hr.bias_first + 2 * t];  // column (nt, c) at bias[nt * 8 + c]
-#pragma unroll
-    for (int nt = 0; nt < kStep / 8; ++nt) {
-      // Two loads, not one 8-byte load: a head's row may start on an odd float, and a loop copy
-      // per alignment of two heads makes nvcc outline the loop (local memory, a call).
-      const float2 bj = make_float2(bias[nt * 8], bias[nt * 8 + 1]);
-      const float r = job.rd[nt / (BK / 8)];
-      // Written from temporaries: reading one accumulator register to fill another while the other
-      // accumulator's wgmma runs makes ptxas serialise every wgmma.
-      const int32_t b0 = biased_bias(bj.x, r), b1 = biased_bias(bj.y, r);
-      acc(nt * 4 + 0) = b0;
-      acc(nt * 4 + 2) = b0;
-      acc(nt * 4 + 1) = b1;
-      acc(nt * 4 + 3) = b1;
-    }
-  };
-  // The product of a prepared job, as one wgmma batch (the caller fences and arrives first).
-  auto issue_mma = [&](auto hl, Acc& acc, const Job& job) {
-    auto tCrA = thr_mma.make_fragment_A(
-        thr_mma.partition_A(make_tensor(make_smem_ptr(sm.q[wg * kHeadsPerWG + hl]), QLayout{})));
-    auto tCrB = thr_mma.make_fragment_B(
-        thr_mma.partition_B(make_tensor(make_smem_ptr(sm.k[job.s % kStages]), KLayout{})));
-    gemm(tiled_mma, tCrA, tCrB, acc);
-    warpgroup_commit_batch();
-  };
-  // Per block: the approximate test (branch-free, so it may overlap the other accumulator's
-  // wgmma); a warp-wide OR of the step's bits decides, and only blocks some thread is unsure about
-  // are decided again exactly, by `finish` once no wgmma is in flight.
-  struct Verdict {
-    uint32_t hits, unsure;
-  };
-  auto approx = [&](auto hl, const Acc& acc, const Job& job) {
-    const HeadRows& hr = heads[hl];
-    uint32_t hits = 0, unsure_bits = 0;
-#pragma unroll
-    for (int blk = 0; blk < kBlocks; ++blk) {
-      int32_t best[2] = {acc(blk * (BK / 8) * 4), acc(blk * (BK / 8) * 4 + 2)};
-#pragma unroll
-      for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt) {
-        best[0] = max3(best[0], acc(nt * 4), acc(nt * 4 + 1));
-        best[1] = max3(best[1], acc(nt * 4 + 2), acc(nt * 4 + 3));
-      }
-      bool hit = false, unsure = false;
-      approx_decide(best, job.d[blk], job.rd[blk], hr.thr, hit, unsure);
-      hits |= uint32_t(hit) << blk;
-      unsure_bits |= uint32_t(unsure) << blk;
-    }
-    return Verdict{hits, unsure_bits};
-  };
-  auto finish = [&](auto hl, const Acc& acc, const Job& job, Verdict v) {
-    HeadRows& hr = heads[hl];
-    if (__reduce_or_sync(0xffffffffu, v.unsure) != 0) {
-      const float* bias = &sm.bias[job.s % kStages][wg * kHeadsPerWG + hl][hr.bias_first + 2 * t];
+  // The loop comes in two copies, for an even and an odd bias_first (uniform per warpgroup): only
+  // an even one lets a thread read its column pairs of biases as 8-byte words; choosing once
+  // keeps the choice, and the addresses either copy needs, out of the loop.
+  auto consume = [&](auto aligned_pairs) {
+    for (int s = 0; s < steps; ++s) {
+      const int stage = s % kStages;
+      FullBarrier::wait(&sm.full[stage], (s / kStages) & 1);
+
+      // Accumulators start at the biased b~ (see biased_bias): the tensor cores add the bias and
+      // the epilogue is one integer max per element. Keys past Nk (last stage) give garbage in
+      // blocks >= n_end, which are never looked at.
+      float d[kBlocks], rd[kBlocks];
 #pragma unroll
       for (int blk = 0; blk < kBlocks; ++blk) {
-        if (!((v.unsure >> blk) & 1)) continue;
-        float exact[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            exact[0] = fmaxf(exact[0], exact_logit_units(acc(nt * 4 + c), bias[nt * 8 + c], job.d[blk], job.rd[blk]));
-            exact[1] = fmaxf(exact[1], exact_logit_units(acc(nt * 4 + 2 + c), bias[nt * 8 + c], job.d[blk], job.rd[blk]));
-          }
-        const bool hit = exact[0] * job.d[blk] > hr.thr[0] || exact[1] * job.d[blk] > hr.thr[1];
-        v.hits = (v.hits & ~(1u << blk)) | (uint32_t(hit) << blk);
+        d[blk] = sq * sm.kscale[stage][kscale_first + blk * BK + 2 * t];
+        rd[blk] = bias_reciprocal(d[blk]);
       }
-    }
-    hr.kept.add(__reduce_or_sync(0xffffffffu, v.hits), job.s * kBlocks, kBlocks, n_end, hr.words, lane);
-  };
-  // Every consumer thread arrives once its reads of the stage are done (each read is ordered
-  // before its own release).
-  auto release = [&](const Job& job) { Barrier::arrive(&sm.empty[job.s % kStages]); };
+      const float* bias = &sm.bias[stage][wg][bias_first + 2 * t];  // column (nt, c) at bias[nt * 8 + c]
+#pragma unroll
+      for (int nt = 0; nt < kStep / 8; ++nt) {
+        float2 bj;
+        if constexpr (decltype(aligned_pairs)::value) bj = *reinterpret_cast<const float2*>(bias + nt * 8);
+        else bj = make_float2(bias[nt * 8], bias[nt * 8 + 1]);
+        const float r = rd[nt / (BK / 8)];
+        acc(nt * 4 + 0) = acc(nt * 4 + 2) = biased_bias(bj.x, r);
+        acc(nt * 4 + 1) = acc(nt * 4 + 3) = biased_bias(bj.y, r);
+      }
+      auto tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(make_tensor(make_smem_ptr(sm.k[stage]), KLayout{})));
+      warpgroup_fence_operand(acc);
+      warpgroup_arrive();
+      gemm(tiled_mma, tCrA, tCrB, acc);
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc);
 
-  // Jobs j = 0 .. n_jobs - 1 run step j / kHeadsPerWG for head j % kHeadsPerWG, in accumulator
-  // j % 2: with two heads each accumulator keeps its head, with one they take alternate steps.
-  // A round prepares jobs j and j + 1, issues both products, reduces job j while j + 1 runs, then
-  // finishes both with no wgmma in flight: ptxas serialises every wgmma of the kernel if a branch,
-  // a call or an accumulator read sits between a wgmma and its wait. For the same reason both products are
-  // issued unconditionally: past the last job, the last job's product is repeated and ignored
-  // (its stage is never refilled: the producer has no step left).
-  const int n_jobs = steps * kHeadsPerWG;
-  using H0 = std::integral_constant<int, 0>;
-  using H1 = std::integral_constant<int, kHeadsPerWG - 1>;  // the second accumulator's head
-  Acc acc0, acc1;
-  Job job0, job1;
-  for (int j = 0; j < n_jobs; j += 2) {
-    const bool has1 = j + 1 < n_jobs;
-    job0.s = j / kHeadsPerWG;  // an even job starts a step
-    job1.s = (has1 ? j + 1 : j) / kHeadsPerWG;
-    wait_full(job0.s);
-    if (kHeadsPerWG == 1) wait_full(job1.s);
-    // Both accumulators are filled before either product starts: a register write between the
-    // two batches makes ptxas wait for the first.
-    prepare(H0{}, acc0, job0);
-    prepare(H1{}, acc1, job1);
-    warpgroup_fence_operand(acc0);
-    warpgroup_fence_operand(acc1);
-    warpgroup_arrive();
-    issue_mma(H0{}, acc0, job0);
-    issue_mma(H1{}, acc1, job1);
-    warpgroup_wait<1>();
-    warpgroup_fence_operand(acc0);
-    const Verdict v0 = approx(H0{}, acc0, job0);
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc1);
-    finish(H0{}, acc0, job0, v0);
-    if constexpr (kHeadsPerWG == 1) release(job0);
-    // A repeated last job adds the same bits to the same words again (OR: no change), but must
-    // not release its stage twice.
-    finish(H1{}, acc1, job1, approx(H1{}, acc1, job1));
-    if (has1) release(job1);
-  }
+      // Per block: the approximate test; a warp-wide OR of the step's bits decides, and only blocks
+      // some thread is unsure about are decided again exactly.
+      uint32_t hits = 0, unsure_bits = 0;
+#pragma unroll
+      for (int blk = 0; blk < kBlocks; ++blk) {
+        int32_t best[2] = {acc(blk * (BK / 8) * 4), acc(blk * (BK / 8) * 4 + 2)};
+#pragma unroll
+        for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt) {
+          best[0] = max3(best[0], acc(nt * 4), acc(nt * 4 + 1));
+          best[1] = max3(best[1], acc(nt * 4 + 2), acc(nt * 4 + 3));
+        }
+        bool hit = false, unsure = false;
+        approx_decide(best, d[blk], rd[blk], thr, hit, unsure);
+        hits |= uint32_t(hit) << blk;
+        unsure_bits |= uint32_t(unsure) << blk;
+      }
+      if (__reduce_or_sync(0xffffffffu, unsure_bits) != 0) {
+#pragma unroll
+        for (int blk = 0; blk < kBlocks; ++blk) {
+          if (!((unsure_bits >> blk) & 1)) continue;
+          float exact[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+          for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              exact[0] = fmaxf(exact[0], exact_logit_units(acc(nt * 4 + c), bias[nt * 8 + c], d[blk], rd[blk]));
+              exact[1] = fmaxf(exact[1], exact_logit_units(acc(nt * 4 + 2 + c), bias[nt * 8 + c], d[blk], rd[blk]));
+            }
+          const bool hit = exact[0] * d[blk] > thr[0] || exact[1] * d[blk] > thr[1];
+          hits = (hits & ~(1u << blk)) | (uint32_t(hit) << blk);
+        }
+      }
+      kept.add(__reduce_or_sync(0xffffffffu, hits), s * kBlocks, kBlocks, n_end, words, lane);
+      Barrier::arrive(&sm.empty[stage]);  // this thread is done with the stage (every thread arrives:
+                                          // each read is ordered before its own release)
+    }
+  };
+  if (bias_first % 2 == 0) consume(std::true_type{});
+  else consume(std::false_type{});
 }
 
 namespace ws {
@@ -379,7 +305,7 @@ cudaError_t launch_candidate_ws(const BlockMaskParams& p, cudaStream_t stream) {
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.nQ, p.q_heads / HEADS, p.batch);
-  kernel<<<grid, ws::threads<HEADS>(), bytes, stream>>>(p, maps);
+  kernel<<<grid, 128 * HEADS + ws::kProducerThreads, bytes, stream>>>(p, maps);
   return cudaGetLastError();
 }
 
