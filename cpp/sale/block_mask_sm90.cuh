@@ -184,72 +184,78 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
   // an even one lets a thread read its column pairs of biases as 8-byte words; choosing once
   // keeps the choice, and the addresses either copy needs, out of the loop.
   auto consume = [&](auto aligned_pairs) {
-    for (int s = 0; s < steps; ++s) {
-      const int stage = s % kStages;
-      FullBarrier::wait(&sm.full[stage], (s / kStages) & 1);
+    // Unrolled over the ring, so each stage's shared-memory addresses are constants.
+    for (int s0 = 0; s0 < steps; s0 += kStages) {
+      const uint32_t phase = (s0 / kStages) & 1;
+#pragma unroll
+      for (int stage = 0; stage < kStages; ++stage) {
+        const int s = s0 + stage;
+        if (s >= steps) break;
+        FullBarrier::wait(&sm.full[stage], phase);
 
-      // Accumulators start at the biased b~ (see biased_bias): the tensor cores add the bias and
-      // the epilogue is one integer max per element. Keys past Nk (last stage) give garbage in
-      // blocks >= n_end, which are never looked at.
-      float d[kBlocks], rd[kBlocks];
-#pragma unroll
-      for (int blk = 0; blk < kBlocks; ++blk) {
-        d[blk] = sq * sm.kscale[stage][kscale_first + blk * BK + 2 * t];
-        rd[blk] = bias_reciprocal(d[blk]);
-      }
-      const float* bias = &sm.bias[stage][wg][bias_first + 2 * t];  // column (nt, c) at bias[nt * 8 + c]
-#pragma unroll
-      for (int nt = 0; nt < kStep / 8; ++nt) {
-        float2 bj;
-        if constexpr (decltype(aligned_pairs)::value) bj = *reinterpret_cast<const float2*>(bias + nt * 8);
-        else bj = make_float2(bias[nt * 8], bias[nt * 8 + 1]);
-        const float r = rd[nt / (BK / 8)];
-        acc(nt * 4 + 0) = acc(nt * 4 + 2) = biased_bias(bj.x, r);
-        acc(nt * 4 + 1) = acc(nt * 4 + 3) = biased_bias(bj.y, r);
-      }
-      auto tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(make_tensor(make_smem_ptr(sm.k[stage]), KLayout{})));
-      warpgroup_fence_operand(acc);
-      warpgroup_arrive();
-      gemm(tiled_mma, tCrA, tCrB, acc);
-      warpgroup_commit_batch();
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc);
-
-      // Per block: the approximate test; a warp-wide OR of the step's bits decides, and only blocks
-      // some thread is unsure about are decided again exactly.
-      uint32_t hits = 0, unsure_bits = 0;
-#pragma unroll
-      for (int blk = 0; blk < kBlocks; ++blk) {
-        int32_t best[2] = {acc(blk * (BK / 8) * 4), acc(blk * (BK / 8) * 4 + 2)};
-#pragma unroll
-        for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt) {
-          best[0] = max3(best[0], acc(nt * 4), acc(nt * 4 + 1));
-          best[1] = max3(best[1], acc(nt * 4 + 2), acc(nt * 4 + 3));
-        }
-        bool hit = false, unsure = false;
-        approx_decide(best, d[blk], rd[blk], thr, hit, unsure);
-        hits |= uint32_t(hit) << blk;
-        unsure_bits |= uint32_t(unsure) << blk;
-      }
-      if (__reduce_or_sync(0xffffffffu, unsure_bits) != 0) {
+        // Accumulators start at the biased b~ (see biased_bias): the tensor cores add the bias and
+        // the epilogue is one integer max per element. Keys past Nk (last stage) give garbage in
+        // blocks >= n_end, which are never looked at.
+        float d[kBlocks], rd[kBlocks];
 #pragma unroll
         for (int blk = 0; blk < kBlocks; ++blk) {
-          if (!((unsure_bits >> blk) & 1)) continue;
-          float exact[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-          for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt)
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              exact[0] = fmaxf(exact[0], exact_logit_units(acc(nt * 4 + c), bias[nt * 8 + c], d[blk], rd[blk]));
-              exact[1] = fmaxf(exact[1], exact_logit_units(acc(nt * 4 + 2 + c), bias[nt * 8 + c], d[blk], rd[blk]));
-            }
-          const bool hit = exact[0] * d[blk] > thr[0] || exact[1] * d[blk] > thr[1];
-          hits = (hits & ~(1u << blk)) | (uint32_t(hit) << blk);
+          d[blk] = sq * sm.kscale[stage][kscale_first + blk * BK + 2 * t];
+          rd[blk] = bias_reciprocal(d[blk]);
         }
+        const float* bias = &sm.bias[stage][wg][bias_first + 2 * t];  // column (nt, c) at bias[nt * 8 + c]
+#pragma unroll
+        for (int nt = 0; nt < kStep / 8; ++nt) {
+          float2 bj;
+          if constexpr (decltype(aligned_pairs)::value) bj = *reinterpret_cast<const float2*>(bias + nt * 8);
+          else bj = make_float2(bias[nt * 8], bias[nt * 8 + 1]);
+          const float r = rd[nt / (BK / 8)];
+          acc(nt * 4 + 0) = acc(nt * 4 + 2) = biased_bias(bj.x, r);
+          acc(nt * 4 + 1) = acc(nt * 4 + 3) = biased_bias(bj.y, r);
+        }
+        auto tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(make_tensor(make_smem_ptr(sm.k[stage]), KLayout{})));
+        warpgroup_fence_operand(acc);
+        warpgroup_arrive();
+        gemm(tiled_mma, tCrA, tCrB, acc);
+        warpgroup_commit_batch();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc);
+
+        // Per block: the approximate test; a warp-wide OR of the step's bits decides, and only blocks
+        // some thread is unsure about are decided again exactly.
+        uint32_t hits = 0, unsure_bits = 0;
+#pragma unroll
+        for (int blk = 0; blk < kBlocks; ++blk) {
+          int32_t best[2] = {acc(blk * (BK / 8) * 4), acc(blk * (BK / 8) * 4 + 2)};
+#pragma unroll
+          for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt) {
+            best[0] = max3(best[0], acc(nt * 4), acc(nt * 4 + 1));
+            best[1] = max3(best[1], acc(nt * 4 + 2), acc(nt * 4 + 3));
+          }
+          bool hit = false, unsure = false;
+          approx_decide(best, d[blk], rd[blk], thr, hit, unsure);
+          hits |= uint32_t(hit) << blk;
+          unsure_bits |= uint32_t(unsure) << blk;
+        }
+        if (__reduce_or_sync(0xffffffffu, unsure_bits) != 0) {
+#pragma unroll
+          for (int blk = 0; blk < kBlocks; ++blk) {
+            if (!((unsure_bits >> blk) & 1)) continue;
+            float exact[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+            for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt)
+#pragma unroll
+              for (int c = 0; c < 2; ++c) {
+                exact[0] = fmaxf(exact[0], exact_logit_units(acc(nt * 4 + c), bias[nt * 8 + c], d[blk], rd[blk]));
+                exact[1] = fmaxf(exact[1], exact_logit_units(acc(nt * 4 + 2 + c), bias[nt * 8 + c], d[blk], rd[blk]));
+              }
+            const bool hit = exact[0] * d[blk] > thr[0] || exact[1] * d[blk] > thr[1];
+            hits = (hits & ~(1u << blk)) | (uint32_t(hit) << blk);
+          }
+        }
+        kept.add(__reduce_or_sync(0xffffffffu, hits), s * kBlocks, kBlocks, n_end, words, lane);
+        Barrier::arrive(&sm.empty[stage]);  // this thread is done with the stage (every thread arrives:
+                                            // each read is ordered before its own release)
       }
-      kept.add(__reduce_or_sync(0xffffffffu, hits), s * kBlocks, kBlocks, n_end, words, lane);
-      Barrier::arrive(&sm.empty[stage]);  // this thread is done with the stage (every thread arrives:
-                                          // each read is ordered before its own release)
     }
   };
   if (bias_first % 2 == 0) consume(std::true_type{});
