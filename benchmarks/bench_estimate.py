@@ -33,7 +33,7 @@ def candidate_pairs(n, bq=64, bk=32, window=128):
     return int(cand.sum()) * bq * bk
 
 
-def run(n, hq, hkv, d, tau, repeats, sets):
+def run(n, hq, hkv, d, tau, repeats, sets, with_mma=True):
     inputs = [make_qkv(1, hq, hkv, n, d, device="cuda", seed=s) for s in range(sets)]
     tau_t = torch.full((hq,), tau, device="cuda")
     scale = d**-0.5
@@ -49,9 +49,11 @@ def run(n, hq, hkv, d, tau, repeats, sets):
     t_dense = time_ms(cudnn_causal, inputs, repeats)
     t_quant = time_ms(quantize, inputs, repeats)
     args = [x + tuple(qz) for x, qz in zip(inputs, quantized)]
-    os.environ["SALE_OPS_ESTIMATOR"] = "mma"  # the mma.sync scorer, for comparison
-    t_mask_mma = time_ms(select, args, repeats)
-    del os.environ["SALE_OPS_ESTIMATOR"]  # the default: warp-specialised wgmma
+    t_mask_mma = float("nan")
+    if with_mma:
+        os.environ["SALE_OPS_ESTIMATOR"] = "mma"  # the mma.sync scorer, for comparison
+        t_mask_mma = time_ms(select, args, repeats)
+        del os.environ["SALE_OPS_ESTIMATOR"]  # the default: warp-specialised wgmma
     t_mask = time_ms(select, args, repeats)
 
     # What sale.attention runs: the same kernels a few heads at a time (bounded memory).
@@ -86,16 +88,19 @@ def main():
     p.add_argument("--tau", type=float, default=1e-3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--sets", type=int, default=2, help="input sets to rotate through")
+    p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (overrides --quick)")
+    p.add_argument("--shapes", nargs="+", default=["32/8/128", "16/2/64"], help="Hq/Hkv/D")
+    p.add_argument("--no-mma", action="store_true", help="skip the mma.sync scorer's comparison run")
     a = p.parse_args()
-    lengths = [8192, 32768] if a.quick else [8192, 16384, 32768, 65536, 131072]
-    shapes = [(32, 8, 128), (16, 2, 64)]
+    lengths = a.lengths or ([8192, 32768] if a.quick else [8192, 16384, 32768, 65536, 131072])
+    shapes = [tuple(int(x) for x in s.split("/")) for s in a.shapes]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {sale_ops.backend_summary('cuda')}")
     print(f"bf16, B=1, tau={a.tau}, bq=64, bk=32, W=128; synthetic sparse inputs (sale_ops.testing.make_qkv)\n")
     print("| N | Hq/Hkv/D | cuDNN ms | quantize ms | block_mask ms | (q+m)/cuDNN | density | candidate TOPS (% of 1979) | mma.sync scorer ms | selection in head steps ms (steps) | its extra mem / qkv |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for hq, hkv, d in shapes:
         for n in lengths:
-            r = run(n, hq, hkv, d, a.tau, a.repeats, a.sets)
+            r = run(n, hq, hkv, d, a.tau, a.repeats, a.sets, with_mma=not a.no_mma)
             print(
                 f"| {n} | {hq}/{hkv}/{d} | {r['dense']:.2f} | {r['quant']:.2f} | {r['mask']:.2f} | "
                 f"{r['ratio']:.3f} | {r['density']:.3f} | {r['tops']:.0f} ({100 * r['tops'] / INT8_PEAK_TOPS:.0f}%) | "

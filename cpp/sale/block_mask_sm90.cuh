@@ -76,6 +76,20 @@ struct KeyMaps {
   int k_scale_shift, qk_bias_shift;
 };
 
+// A token passed round the consumer warpgroups on named barriers 1 .. HEADS: warpgroup w waits on
+// barrier 1 + w (its own 128 threads plus the previous warpgroup's 128 arrivals) and passes to
+// the next one's. Named barrier 0 is __syncthreads'. One warpgroup: no turns.
+template <int HEADS>
+struct IssueTurn {
+  int wg;
+  __device__ __forceinline__ void wait() const {
+    if constexpr (HEADS > 1) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + wg) : "memory");
+  }
+  __device__ __forceinline__ void pass() const {
+    if constexpr (HEADS > 1) asm volatile("bar.arrive %0, 256;\n" ::"r"(1 + (wg + 1) % HEADS) : "memory");
+  }
+};
+
 }  // namespace ws
 
 template <int D, int BK, int HEADS, bool VARLEN>
@@ -183,6 +197,13 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
   // The loop comes in two copies, for an even and an odd bias_first (uniform per warpgroup): only
   // an even one lets a thread read its column pairs of biases as 8-byte words; choosing once
   // keeps the choice, and the addresses either copy needs, out of the loop.
+  // The warpgroups take turns to issue their stage's wgmmas (a token ring of named barriers, as
+  // FlashAttention-3's ping-pong): a stage's product is several wgmmas (one per 32 of D), and
+  // when all warpgroups issue at once the tensor cores interleave them, so they all finish
+  // together and all reduce together while the tensor cores idle. In turn, they finish one after
+  // another and each reduction overlaps the others' products.
+  ws::IssueTurn<HEADS> issue_turn{wg};
+  if (wg == HEADS - 1) issue_turn.pass();  // warpgroup 0 goes first
   auto consume = [&](auto aligned_pairs) {
     // Unrolled over the ring, so each stage's shared-memory addresses are constants.
     for (int s0 = 0; s0 < steps; s0 += kStages) {
@@ -214,9 +235,11 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
         }
         auto tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(make_tensor(make_smem_ptr(sm.k[stage]), KLayout{})));
         warpgroup_fence_operand(acc);
+        issue_turn.wait();
         warpgroup_arrive();
         gemm(tiled_mma, tCrA, tCrB, acc);
         warpgroup_commit_batch();
+        issue_turn.pass();
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc);
 
@@ -260,6 +283,7 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
   };
   if (bias_first % 2 == 0) consume(std::true_type{});
   else consume(std::false_type{});
+  if (wg == 0) issue_turn.wait();  // the last warpgroup's last pass: every barrier ends balanced
 }
 
 namespace ws {
