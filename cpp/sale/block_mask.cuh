@@ -292,6 +292,23 @@ __device__ __forceinline__ float bias_reciprocal(float d) {
 }
 
 __device__ __forceinline__ int32_t max3(int32_t a, int32_t b, int32_t c) { return __vimax3_s32(a, b, c); }
+// Max of N values as a tree of three-input maxima: (N - 1) / 2 instructions, depth log3 N (the
+// scorer's epilogue is latency-bound, so short chains matter).
+template <int N>
+__device__ __forceinline__ int32_t max_tree(const int32_t (&v)[N]) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else if constexpr (N == 2) {
+    return max(v[0], v[1]);
+  } else {
+    int32_t w[(N + 2) / 3];
+#pragma unroll
+    for (int i = 0; i < N / 3; ++i) w[i] = max3(v[3 * i], v[3 * i + 1], v[3 * i + 2]);
+    if constexpr (N % 3 == 1) w[N / 3] = v[N - 1];
+    if constexpr (N % 3 == 2) w[N / 3] = max(v[N - 2], v[N - 1]);
+    return max_tree(w);
+  }
+}
 
 // Query heads of one kv group that a scorer CTA takes: as many as divide the group, up to 4.
 inline int scorer_heads_per_cta(int q_heads, int kv_heads) {
@@ -350,6 +367,40 @@ __device__ __forceinline__ void approx_decide(const int32_t (&best)[2], float d,
   }
   hit |= valid && surely;
   unsure |= !valid || (!surely && maybe);
+}
+
+// The wgmma scorer folds the row threshold into the start value as well, so that one integer max
+// over both rows of a block and two compares decide it (no per-row cut-off arithmetic after the
+// product). With cut_r = row_cut(thr_r, rd) = fl(1.5 * 2^23 - thr_r * rd), an integer while
+// |thr_r * rd| < 2^22, row r's accumulator of column j starts at the bits of
+// fma(bias_j, rd, cut_r) = kBiasedZero + rint(bias_j * rd) - rint(thr_r * rd) while the sum stays
+// in [2^23, 2^24) (ties may round either way), so after the product v = acc - kBiasedZero is
+// E + b - t (t = thr / d) up to the errors bounded at decide_block_cut.
+__device__ __forceinline__ float row_cut(float thr, float rd) { return fmaf(-thr, rd, kBiasMagic); }
+__device__ __forceinline__ int32_t cut_biased_bias(float bias, float rd, float cut) {
+  return __float_as_int(fmaf(bias, rd, cut));
+}
+// Smallest d = sq * sk for which the folded test is sound: |t| = |thr / d| <= 2^20 for every
+// existing row of the thread (tmax = their largest |thr|) and d a normal number (rd accurate).
+__device__ __forceinline__ float folded_d_min(float tmax) { return fmaxf(FLT_MIN, tmax * 0x1p-20f); }
+// The approximate test of one block on best = max over the thread's rows and columns of the
+// folded accumulators (v = best - kBiasedZero): a hit when v >= 4, a miss when v < -4, unsure in
+// between or when d < d_min. Sound: with |t| <= 2^20 and the sum in range, |bias * rd| < 3 * 2^21,
+// so rint(bias * rd) is within 1/2 + 3 * 2^21 * 2^-22 = 2 of b = rint(bias / d) (rd within 2^-22
+// relative), rint(thr * rd) within 1/2 + 2^-22 |t| of t, and fl((E + b) * d) > thr moves the
+// boundary by 2^-23 |t|: all together below 3 < 4. A sum above range (v >= 2^22) needs
+// bias * rd > 3 * 2^20 above t: a hit; below range: a miss (rows past Nq have thr = +inf, so
+// cut = -inf and their start is bits(-inf)).
+constexpr int32_t kFoldedMargin = 4;
+__device__ __forceinline__ void decide_block_cut(int32_t best, float d, float d_min, bool& hit, bool& unsure) {
+  const bool ok = d >= d_min;
+  hit = ok && best >= kBiasedZero + kFoldedMargin;
+  unsure = !ok || (best >= kBiasedZero - kFoldedMargin && best < kBiasedZero + kFoldedMargin);
+}
+// The exact logit (code units) of one folded accumulator: E = acc - start exactly, then E + b in
+// fp32 with b = rint(bias / d), as the reference sums it.
+__device__ __forceinline__ float exact_logit_units_cut(int32_t acc, float bias, float d, float rd, float cut) {
+  return float(acc - cut_biased_bias(bias, rd, cut)) + rintf(__fdiv_rn(bias, d));
 }
 
 // The exact contribution of one accumulator pair of columns: E = acc - b~ exactly (integers),

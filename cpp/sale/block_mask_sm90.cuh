@@ -188,9 +188,14 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
   // Rows g and g + 8 of the warp share one query scale (SPEC §2); a missing row never passes.
   const int row0 = m * kBq + warp * 16 + g;
   const float sq = row0 < cta.s.nq ? p.q_scale[q_rows + row0] : 1.f;
-  float thr[2];
+  float thr[2], tmax = 0.f;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) thr[r] = row0 + 8 * r < cta.s.nq ? p.row_threshold[q_rows + row0 + 8 * r] : INFINITY;
+  for (int r = 0; r < 2; ++r) {
+    const bool in = row0 + 8 * r < cta.s.nq;
+    thr[r] = in ? p.row_threshold[q_rows + row0 + 8 * r] : INFINITY;
+    if (in) tmax = fmaxf(tmax, fabsf(thr[r]));
+  }
+  const float d_min = folded_d_min(tmax);
   static_assert(32 % kBlocks == 0, "stages tile KeptBits' 32-candidate words");
   KeptBits kept;
 
@@ -214,9 +219,9 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
         if (s >= steps) break;
         FullBarrier::wait(&sm.full[stage], phase);
 
-        // Accumulators start at the biased b~ (see biased_bias): the tensor cores add the bias and
-        // the epilogue is one integer max per element. Keys past Nk (last stage) give garbage in
-        // blocks >= n_end, which are never looked at.
+        // Accumulators start at the bias minus the row threshold in code units (see row_cut): the
+        // tensor cores add the bias and the epilogue is one integer max per element. Keys past Nk
+        // (last stage) give garbage in blocks >= n_end, which are never looked at.
         float d[kBlocks], rd[kBlocks];
 #pragma unroll
         for (int blk = 0; blk < kBlocks; ++blk) {
@@ -225,13 +230,18 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
         }
         const float* bias = &sm.bias[stage][wg][bias_first + 2 * t];  // column (nt, c) at bias[nt * 8 + c]
 #pragma unroll
-        for (int nt = 0; nt < kStep / 8; ++nt) {
-          float2 bj;
-          if constexpr (decltype(aligned_pairs)::value) bj = *reinterpret_cast<const float2*>(bias + nt * 8);
-          else bj = make_float2(bias[nt * 8], bias[nt * 8 + 1]);
-          const float r = rd[nt / (BK / 8)];
-          acc(nt * 4 + 0) = acc(nt * 4 + 2) = biased_bias(bj.x, r);
-          acc(nt * 4 + 1) = acc(nt * 4 + 3) = biased_bias(bj.y, r);
+        for (int blk = 0; blk < kBlocks; ++blk) {
+          const float cut0 = row_cut(thr[0], rd[blk]), cut1 = row_cut(thr[1], rd[blk]);
+#pragma unroll
+          for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt) {
+            float2 bj;
+            if constexpr (decltype(aligned_pairs)::value) bj = *reinterpret_cast<const float2*>(bias + nt * 8);
+            else bj = make_float2(bias[nt * 8], bias[nt * 8 + 1]);
+            acc(nt * 4 + 0) = cut_biased_bias(bj.x, rd[blk], cut0);
+            acc(nt * 4 + 1) = cut_biased_bias(bj.y, rd[blk], cut0);
+            acc(nt * 4 + 2) = cut_biased_bias(bj.x, rd[blk], cut1);
+            acc(nt * 4 + 3) = cut_biased_bias(bj.y, rd[blk], cut1);
+          }
         }
         auto tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(make_tensor(make_smem_ptr(sm.k[stage]), KLayout{})));
         warpgroup_fence_operand(acc);
@@ -243,39 +253,41 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc);
 
-        // Per block: the approximate test; a warp-wide OR of the step's bits decides, and only blocks
-        // some thread is unsure about are decided again exactly.
+        // Per block: the approximate test on one max over both rows; a warp-wide OR of the step's
+        // bits decides (hits in the low half, unsure blocks in the high half of one reduction),
+        // and only blocks some thread is unsure about are decided again exactly.
         uint32_t hits = 0, unsure_bits = 0;
 #pragma unroll
         for (int blk = 0; blk < kBlocks; ++blk) {
-          int32_t best[2] = {acc(blk * (BK / 8) * 4), acc(blk * (BK / 8) * 4 + 2)};
+          int32_t vals[BK / 2];
 #pragma unroll
-          for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt) {
-            best[0] = max3(best[0], acc(nt * 4), acc(nt * 4 + 1));
-            best[1] = max3(best[1], acc(nt * 4 + 2), acc(nt * 4 + 3));
-          }
-          bool hit = false, unsure = false;
-          approx_decide(best, d[blk], rd[blk], thr, hit, unsure);
+          for (int e = 0; e < BK / 2; ++e) vals[e] = acc(blk * (BK / 2) + e);
+          bool hit, unsure;
+          decide_block_cut(max_tree(vals), d[blk], d_min, hit, unsure);
           hits |= uint32_t(hit) << blk;
           unsure_bits |= uint32_t(unsure) << blk;
         }
-        if (__reduce_or_sync(0xffffffffu, unsure_bits) != 0) {
+        static_assert(kBlocks <= 16, "hits and unsure bits share one word");
+        uint32_t votes = __reduce_or_sync(0xffffffffu, hits | unsure_bits << 16);
+        if ((votes >> 16) != 0) {
 #pragma unroll
           for (int blk = 0; blk < kBlocks; ++blk) {
             if (!((unsure_bits >> blk) & 1)) continue;
+            const float cut0 = row_cut(thr[0], rd[blk]), cut1 = row_cut(thr[1], rd[blk]);
             float exact[2] = {-INFINITY, -INFINITY};
 #pragma unroll
             for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt)
 #pragma unroll
               for (int c = 0; c < 2; ++c) {
-                exact[0] = fmaxf(exact[0], exact_logit_units(acc(nt * 4 + c), bias[nt * 8 + c], d[blk], rd[blk]));
-                exact[1] = fmaxf(exact[1], exact_logit_units(acc(nt * 4 + 2 + c), bias[nt * 8 + c], d[blk], rd[blk]));
+                exact[0] = fmaxf(exact[0], exact_logit_units_cut(acc(nt * 4 + c), bias[nt * 8 + c], d[blk], rd[blk], cut0));
+                exact[1] = fmaxf(exact[1], exact_logit_units_cut(acc(nt * 4 + 2 + c), bias[nt * 8 + c], d[blk], rd[blk], cut1));
               }
             const bool hit = exact[0] * d[blk] > thr[0] || exact[1] * d[blk] > thr[1];
             hits = (hits & ~(1u << blk)) | (uint32_t(hit) << blk);
           }
+          votes = __reduce_or_sync(0xffffffffu, hits);
         }
-        kept.add(__reduce_or_sync(0xffffffffu, hits), s * kBlocks, kBlocks, n_end, words, lane);
+        kept.add(votes & 0xffffu, s * kBlocks, kBlocks, n_end, words, lane);
         Barrier::arrive(&sm.empty[stage]);  // this thread is done with the stage (every thread arrives:
                                             // each read is ordered before its own release)
       }
