@@ -381,7 +381,10 @@ __device__ __forceinline__ int32_t cut_biased_bias(float bias, float rd, float c
   return __float_as_int(fmaf(bias, rd, cut));
 }
 // Smallest d = sq * sk for which the folded test is sound: |t| = |thr / d| <= 2^20 for every
-// existing row of the thread (tmax = their largest |thr|) and d a normal number (rd accurate).
+// finite threshold of the thread's rows (tmax = their largest |thr|) and d a normal number (rd
+// accurate). An infinite threshold needs no bound: -inf starts every element at +inf, a hit, and
+// +inf (a row past Nq) at -inf, a miss. Smaller d (a key scale a millionth of the threshold)
+// goes to the exact test.
 __device__ __forceinline__ float folded_d_min(float tmax) { return fmaxf(FLT_MIN, tmax * 0x1p-20f); }
 // The approximate test of one block on best = max over the thread's rows and columns of the
 // folded accumulators (v = best - kBiasedZero): a hit when v >= 4, a miss when v < -4, unsure in
@@ -389,8 +392,7 @@ __device__ __forceinline__ float folded_d_min(float tmax) { return fmaxf(FLT_MIN
 // so rint(bias * rd) is within 1/2 + 3 * 2^21 * 2^-22 = 2 of b = rint(bias / d) (rd within 2^-22
 // relative), rint(thr * rd) within 1/2 + 2^-22 |t| of t, and fl((E + b) * d) > thr moves the
 // boundary by 2^-23 |t|: all together below 3 < 4. A sum above range (v >= 2^22) needs
-// bias * rd > 3 * 2^20 above t: a hit; below range: a miss (rows past Nq have thr = +inf, so
-// cut = -inf and their start is bits(-inf)).
+// bias * rd > 3 * 2^20 above t: a hit; below range: a miss.
 constexpr int32_t kFoldedMargin = 4;
 __device__ __forceinline__ void decide_block_cut(int32_t best, float d, float d_min, bool& hit, bool& unsure) {
   const bool ok = d >= d_min;

@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
   for (int r = 0; r < 2; ++r) {
     const bool in = row0 + 8 * r < cta.s.nq;
     thr[r] = in ? p.row_threshold[q_rows + row0 + 8 * r] : INFINITY;
-    if (in) tmax = fmaxf(tmax, fabsf(thr[r]));
+    if (in && isfinite(thr[r])) tmax = fmaxf(tmax, fabsf(thr[r]));
   }
   const float d_min = folded_d_min(tmax);
   static_assert(32 % kBlocks == 0, "stages tile KeptBits' 32-candidate words");
