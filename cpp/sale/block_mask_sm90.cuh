@@ -10,10 +10,10 @@
 //     proxy fence, and one thread issues a stage in a handful of instructions;
 //   - one consumer warpgroup per query head of the GQA group multiplies its 64 query codes
 //     (in shared memory, loaded once) by the stage's keys with wgmma.m64nNk32.s8 (SS), the
-//     accumulators starting at the bias in code units, then reduces each candidate block to
-//     one integer max per row and compares it with the row threshold.
-// The warpgroups wait on barriers, never on each other, so one warpgroup's epilogue overlaps
-// the others' tensor-core work.
+//     accumulators starting at the bias minus the row threshold in code units (row_cut), then
+//     reduces each candidate block to one integer max and compares it with zero.
+// The warpgroups take turns at issuing their products (IssueTurn) and otherwise wait only on
+// the stage barriers, so one warpgroup's epilogue overlaps the others' tensor-core work.
 //
 // The accumulator of wgmma m64nN gives warp w rows 16w + g and 16w + g + 8 and columns
 // 8i + 2t, 8i + 2t + 1 (g = lane / 4, t = lane % 4): the ownership SPEC §2's scale groups follow,
