@@ -273,9 +273,12 @@ __device__ __forceinline__ void init_mask_rows(const BlockMaskParams& p, const C
 constexpr float kBiasMagic = 12582912.f;       // 1.5 * 2^23
 constexpr int32_t kBiasedZero = 0x4B400000;   // its bits
 constexpr int32_t kApproxLimit = 1 << 20;     // |max - kBiasedZero| below this: the +-1 bound holds
-__device__ __forceinline__ int32_t biased_bias(float bias, float rd) {
-  return __float_as_int(fmaf(bias, rd, kBiasMagic));
+// The bits of fma(bias, rd, start): start = kBiasMagic gives the biased bias above; the wgmma
+// scorer's start also carries the row threshold (row_cut, below).
+__device__ __forceinline__ int32_t cut_biased_bias(float bias, float rd, float start) {
+  return __float_as_int(fmaf(bias, rd, start));
 }
+__device__ __forceinline__ int32_t biased_bias(float bias, float rd) { return cut_biased_bias(bias, rd, kBiasMagic); }
 
 // rd = 1 / d for biased_bias. It only has to keep rint(bias * rd) within 1 of b = rint(bias / d):
 // with rcp.approx's error of at most 1 ulp, the two reals differ by at most 2^21 * 2^-23 < 1 for
@@ -377,9 +380,6 @@ __device__ __forceinline__ void approx_decide(const int32_t (&best)[2], float d,
 // in [2^23, 2^24) (ties may round either way), so after the product v = acc - kBiasedZero is
 // E + b - t (t = thr / d) up to the errors bounded at decide_block_cut.
 __device__ __forceinline__ float row_cut(float thr, float rd) { return fmaf(-thr, rd, kBiasMagic); }
-__device__ __forceinline__ int32_t cut_biased_bias(float bias, float rd, float cut) {
-  return __float_as_int(fmaf(bias, rd, cut));
-}
 // Smallest d = sq * sk for which the folded test is sound: |t| = |thr / d| <= 2^20 for every
 // finite threshold of the thread's rows (tmax = their largest |thr|) and d a normal number (rd
 // accurate). An infinite threshold needs no bound: -inf starts every element at +inf, a hit, and
@@ -399,16 +399,16 @@ __device__ __forceinline__ void decide_block_cut(int32_t best, float d, float d_
   hit = ok && best >= kBiasedZero + kFoldedMargin;
   unsure = !ok || (best >= kBiasedZero - kFoldedMargin && best < kBiasedZero + kFoldedMargin);
 }
-// The exact logit (code units) of one folded accumulator: E = acc - start exactly, then E + b in
-// fp32 with b = rint(bias / d), as the reference sums it.
-__device__ __forceinline__ float exact_logit_units_cut(int32_t acc, float bias, float d, float rd, float cut) {
-  return float(acc - cut_biased_bias(bias, rd, cut)) + rintf(__fdiv_rn(bias, d));
+// The exact logit (code units) of one accumulator that started at cut_biased_bias(bias, rd, start):
+// E = acc - start value exactly (integers), then E + b in fp32 with b = rint(bias / d), as the
+// reference sums it.
+__device__ __forceinline__ float exact_logit_units_cut(int32_t acc, float bias, float d, float rd, float start) {
+  return float(acc - cut_biased_bias(bias, rd, start)) + rintf(__fdiv_rn(bias, d));
 }
 
-// The exact contribution of one accumulator pair of columns: E = acc - b~ exactly (integers),
-// then E + b in fp32 with b = rint(bias / d), as the reference sums it.
+// The same for the mma.sync scorers' biased bias (start kBiasMagic).
 __device__ __forceinline__ float exact_logit_units(int32_t acc, float bias, float d, float rd) {
-  return float(acc - biased_bias(bias, rd)) + rintf(__fdiv_rn(bias, d));
+  return exact_logit_units_cut(acc, bias, d, rd, kBiasMagic);
 }
 
 // The kept test of one candidate block in the mma.sync scorers (8-bit: candidate_kernel; int4:

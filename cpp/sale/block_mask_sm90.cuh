@@ -199,9 +199,6 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
   static_assert(32 % kBlocks == 0, "stages tile KeptBits' 32-candidate words");
   KeptBits kept;
 
-  // The loop comes in two copies, for an even and an odd bias_first (uniform per warpgroup): only
-  // an even one lets a thread read its column pairs of biases as 8-byte words; choosing once
-  // keeps the choice, and the addresses either copy needs, out of the loop.
   // The warpgroups take turns to issue their stage's wgmmas (a token ring of named barriers, as
   // FlashAttention-3's ping-pong): a stage's product is several wgmmas (one per 32 of D), and
   // when all warpgroups issue at once the tensor cores interleave them, so they all finish
@@ -209,6 +206,9 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
   // another and each reduction overlaps the others' products.
   ws::IssueTurn<HEADS> issue_turn{wg};
   if (wg == HEADS - 1) issue_turn.pass();  // warpgroup 0 goes first
+  // The loop comes in two copies, for an even and an odd bias_first (uniform per warpgroup): only
+  // an even one lets a thread read its column pairs of biases as 8-byte words; choosing once
+  // keeps the choice, and the addresses either copy needs, out of the loop.
   auto consume = [&](auto aligned_pairs) {
     // Unrolled over the ring, so each stage's shared-memory addresses are constants.
     for (int s0 = 0; s0 < steps; s0 += kStages) {
