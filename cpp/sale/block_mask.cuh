@@ -399,6 +399,35 @@ __device__ __forceinline__ void decide_block_cut(int32_t best, float d, float d_
   hit = ok && best >= kBiasedZero + kFoldedMargin;
   unsure = !ok || (best >= kBiasedZero - kFoldedMargin && best < kBiasedZero + kFoldedMargin);
 }
+// The second test of a row that the approximate test left unsure, before any per-element division.
+// best = max over the row's columns of the accumulators, which started at cut_biased_bias(bias,
+// rd, start) for an integer-valued start in [2^23, 2^24) (kBiasMagic, or row_cut's). In range,
+// top = best - bits(start) is x' = E + B' for the row's largest column, B' = rint(bias * rd); with
+// |B'| < 2^21, rd within 2^-23 relative puts bias * rd within 1/4 of bias / d, so B' is within 1 of
+// b = rint(bias / d) and x' within 1 of x = E + b. The exact test fl(x * d) > thr is monotonic in the
+// integer x, i.e. x >= c for the integer cut-off c of exact_row_cut: top >= c + 1 is a hit,
+// top <= c - 2 a miss (any column of the row: x <= x' + 1 <= c - 1), and only top in {c - 1, c}
+// needs each column's exact b. A best below bits(2^23) or from bits(2^24) on is a miss or a hit
+// (its sum is out of range: |bias * rd - t| >= 2^22 - 1 with |t| <= 2^20 + 1, far from c; and a
+// best pushed out of range by E is >= 2^22 - 2^20 - 1 from c on the same side). Needs a finite
+// thr with |thr / d| <= 2^20 and d normal (d >= folded_d_min(|thr|)); otherwise kExact.
+enum class RowVerdict { kMiss, kHit, kExact };
+// Smallest integer x with fl(x * d) > thr, for |thr / d| <= 2^20 and d normal: thr * rd is within 1/4
+// of thr / d, so c0 = floor(thr * rd) has c0 - 1 failing and c0 + 2 passing (fl moves x * d by
+// less than d / 8), and two products as the exact test computes them settle it.
+__device__ __forceinline__ int32_t exact_row_cut(float thr, float d, float rd) {
+  const float c0 = floorf(thr * rd);
+  return int32_t(c0) + (c0 * d > thr ? 0 : (c0 + 1.f) * d > thr ? 1 : 2);
+}
+__device__ __forceinline__ RowVerdict refine_row(int32_t best, float start, float thr, float d, float rd) {
+  if (!(d >= folded_d_min(fabsf(thr)))) return RowVerdict::kExact;  // also an infinite thr
+  constexpr int32_t kRangeLo = 0x4B000000, kRangeHi = 0x4B800000;  // bits of 2^23 and 2^24
+  if (best < kRangeLo) return RowVerdict::kMiss;
+  if (best >= kRangeHi) return RowVerdict::kHit;
+  const int32_t top = best - __float_as_int(start), c = exact_row_cut(thr, d, rd);
+  return top > c ? RowVerdict::kHit : top < c - 1 ? RowVerdict::kMiss : RowVerdict::kExact;
+}
+
 // The exact logit (code units) of one accumulator that started at cut_biased_bias(bias, rd, start):
 // E = acc - start value exactly (integers), then E + b in fp32 with b = rint(bias / d), as the
 // reference sums it.
@@ -413,36 +442,46 @@ __device__ __forceinline__ float exact_logit_units(int32_t acc, float bias, floa
 
 // The kept test of one candidate block in the mma.sync scorers (8-bit: candidate_kernel; int4:
 // block_mask_sm80.cuh): acc = E + b~ of the warp's two m16 tiles, bj = this thread's column biases
-// (column (nt, c) at bj[nt * 8 + c]), d = sq * sk per tile. The approximate test first; blocks some
-// thread is unsure about are decided again exactly. Returns the warp's verdict.
+// (column (nt, c) at bj[nt * 8 + c]), d = sq * sk per tile. The approximate test first; a block that
+// no thread keeps surely and some thread is unsure about is decided again, row by row, by
+// refine_row and, for rows it leaves open, per element. Returns the warp's verdict.
 template <int kTiles>
 __device__ __forceinline__ bool decide_block_mma(const int32_t (&acc)[2][kTiles][4], const float* bj,
                                                  const float (&d)[2], const float (&rd)[2],
                                                  const float (&thr)[2][2]) {
   bool hit = false, unsure = false;
+  int32_t best[2][2];
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
-    int32_t best[2] = {acc[mt][0][0], acc[mt][0][2]};
+    best[mt][0] = acc[mt][0][0], best[mt][1] = acc[mt][0][2];
 #pragma unroll
     for (int nt = 0; nt < kTiles; ++nt) {
-      best[0] = max3(best[0], acc[mt][nt][0], acc[mt][nt][1]);
-      best[1] = max3(best[1], acc[mt][nt][2], acc[mt][nt][3]);
+      best[mt][0] = max3(best[mt][0], acc[mt][nt][0], acc[mt][nt][1]);
+      best[mt][1] = max3(best[mt][1], acc[mt][nt][2], acc[mt][nt][3]);
     }
-    approx_decide(best, d[mt], rd[mt], thr[mt], hit, unsure);
+    approx_decide(best[mt], d[mt], rd[mt], thr[mt], hit, unsure);
   }
-  if (__any_sync(0xffffffffu, unsure) && unsure) {
+  // A block some thread keeps surely needs no second look.
+  if (__any_sync(0xffffffffu, hit)) return true;
+  if (!__any_sync(0xffffffffu, unsure)) return false;
+  if (unsure) {
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      float exact[2] = {-INFINITY, -INFINITY};
+    for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < kTiles; ++nt)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          exact[0] = fmaxf(exact[0], exact_logit_units(acc[mt][nt][c], bj[nt * 8 + c], d[mt], rd[mt]));
-          exact[1] = fmaxf(exact[1], exact_logit_units(acc[mt][nt][2 + c], bj[nt * 8 + c], d[mt], rd[mt]));
+      for (int r = 0; r < 2; ++r) {
+        const RowVerdict v = refine_row(best[mt][r], kBiasMagic, thr[mt][r], d[mt], rd[mt]);
+        if (v != RowVerdict::kExact) {
+          hit |= v == RowVerdict::kHit;
+          continue;
         }
-      hit |= exact[0] * d[mt] > thr[mt][0] || exact[1] * d[mt] > thr[mt][1];
-    }
+        float exact = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kTiles; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c)
+            exact = fmaxf(exact, exact_logit_units(acc[mt][nt][2 * r + c], bj[nt * 8 + c], d[mt], rd[mt]));
+        hit |= exact * d[mt] > thr[mt][r];
+      }
   }
   return __any_sync(0xffffffffu, hit);
 }
@@ -608,13 +647,10 @@ inline cudaError_t launch_expand_mask(const uint32_t* bits, bool* mask, int64_t 
   return cudaGetLastError();
 }
 
-template <typename T, int D, int BK>
-inline cudaError_t launch_block_mask_impl(const BlockMaskParams& p, cudaStream_t stream) {
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  if (varlen) row_threshold_kernel<T, D, true><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
-  else row_threshold_kernel<T, D, false><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+// SPEC §4.4 alone: the candidate scorer on the row thresholds already in p.row_threshold
+// (launch_block_mask computes them first; kernel tests write their own).
+template <int D, int BK>
+inline cudaError_t launch_candidates(const BlockMaskParams& p, cudaStream_t stream) {
   const int heads = scorer_heads_per_cta(p.q_heads, p.kv_heads);
   if (p.use_wgmma && key_rows_fit_tma(p)) {
     if (heads == 4) return launch_candidate_ws<D, BK, 4>(p, stream);
@@ -628,9 +664,17 @@ inline cudaError_t launch_block_mask_impl(const BlockMaskParams& p, cudaStream_t
     else if (heads == 2) candidate_kernel<D, BK, 2, kVarlen><<<grid, 128, 0, stream>>>(p);
     else candidate_kernel<D, BK, 1, kVarlen><<<grid, 64, 0, stream>>>(p);
   };
-  if (varlen) launch(std::true_type{});
+  if (p.cu_seqlens_q != nullptr) launch(std::true_type{});
   else launch(std::false_type{});
   return cudaGetLastError();
+}
+
+template <typename T, int D, int BK>
+inline cudaError_t launch_block_mask_impl(const BlockMaskParams& p, cudaStream_t stream) {
+  if (p.cu_seqlens_q != nullptr) row_threshold_kernel<T, D, true><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
+  else row_threshold_kernel<T, D, false><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
+  const cudaError_t err = cudaGetLastError();
+  return err != cudaSuccess ? err : launch_candidates<D, BK>(p, stream);
 }
 
 // Dispatch on dtype, head dim and key block; the caller validated them.

@@ -193,8 +193,10 @@ __global__ void __launch_bounds__(64 * HEADS, 8 / HEADS)
   }
 }
 
-template <typename T, int D, int BK>
-inline cudaError_t launch_block_mask_s4_impl(const BlockMaskParams& p, uint8_t* k_packed, cudaStream_t stream) {
+// SPEC §4.4 alone with the 4-bit scorer, on the row thresholds already in p.row_threshold: packs
+// the key codes into k_packed, then scores.
+template <int D, int BK>
+inline cudaError_t launch_candidates_s4(const BlockMaskParams& p, uint8_t* k_packed, cudaStream_t stream) {
   // The packed keys first (same stream: the scorer sees them).
   const int64_t chunks = int64_t(p.batch) * p.kv_heads * p.nk * (D / 16);
   if (chunks > 0) {
@@ -204,15 +206,30 @@ inline cudaError_t launch_block_mask_s4_impl(const BlockMaskParams& p, uint8_t* 
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  row_threshold_kernel<T, D, false><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
   const int heads = scorer_heads_per_cta(p.q_heads, p.kv_heads);
   const dim3 grid(p.nQ, p.q_heads / heads, p.batch);
   if (heads == 4) candidate_kernel_s4<D, BK, 4><<<grid, 256, 0, stream>>>(p, k_packed);
   else if (heads == 2) candidate_kernel_s4<D, BK, 2><<<grid, 128, 0, stream>>>(p, k_packed);
   else candidate_kernel_s4<D, BK, 1><<<grid, 64, 0, stream>>>(p, k_packed);
   return cudaGetLastError();
+}
+
+// The same with the 8-bit mma.sync scorer (candidate_kernel of block_mask.cuh).
+template <int D, int BK>
+inline cudaError_t launch_candidates_s8(const BlockMaskParams& p, cudaStream_t stream) {
+  const int heads = scorer_heads_per_cta(p.q_heads, p.kv_heads);
+  const dim3 grid(p.nQ, p.q_heads / heads, p.batch);
+  if (heads == 4) candidate_kernel<D, BK, 4, false><<<grid, 256, 0, stream>>>(p);
+  else if (heads == 2) candidate_kernel<D, BK, 2, false><<<grid, 128, 0, stream>>>(p);
+  else candidate_kernel<D, BK, 1, false><<<grid, 64, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int D, int BK>
+inline cudaError_t launch_block_mask_s4_impl(const BlockMaskParams& p, uint8_t* k_packed, cudaStream_t stream) {
+  row_threshold_kernel<T, D, false><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
+  const cudaError_t err = cudaGetLastError();
+  return err != cudaSuccess ? err : launch_candidates_s4<D, BK>(p, k_packed, stream);
 }
 
 // SPEC §4 selection with the 4-bit scorer: the bit-packed mask of p.mask_bits (p.use_wgmma is
@@ -235,14 +252,8 @@ inline cudaError_t launch_block_mask_s8(const BlockMaskParams& p, bool is_bf16, 
     using T = typename decltype(type)::type;
     constexpr int kD = decltype(dim)::value, kBk = decltype(bk)::value;
     row_threshold_kernel<T, kD, false><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    const int heads = scorer_heads_per_cta(p.q_heads, p.kv_heads);
-    const dim3 grid(p.nQ, p.q_heads / heads, p.batch);
-    if (heads == 4) candidate_kernel<kD, kBk, 4, false><<<grid, 256, 0, stream>>>(p);
-    else if (heads == 2) candidate_kernel<kD, kBk, 2, false><<<grid, 128, 0, stream>>>(p);
-    else candidate_kernel<kD, kBk, 1, false><<<grid, 64, 0, stream>>>(p);
-    return cudaGetLastError();
+    const cudaError_t err = cudaGetLastError();
+    return err != cudaSuccess ? err : launch_candidates_s8<kD, kBk>(p, stream);
   });
 }
 

@@ -254,8 +254,9 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
         warpgroup_fence_operand(acc);
 
         // Per block: the approximate test on one max over both rows; a warp-wide OR of the step's
-        // bits decides (hits in the low half, unsure blocks in the high half of one reduction),
-        // and only blocks some thread is unsure about are decided again exactly.
+        // bits decides (hits in the low half, unsure blocks in the high half of one reduction).
+        // Blocks that no thread keeps surely and some thread is unsure about are decided again,
+        // row by row, by refine_row, and per element only in rows it leaves open.
         uint32_t hits = 0, unsure_bits = 0;
 #pragma unroll
         for (int blk = 0; blk < kBlocks; ++blk) {
@@ -269,21 +270,35 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
         }
         static_assert(kBlocks <= 16, "hits and unsure bits share one word");
         uint32_t votes = __reduce_or_sync(0xffffffffu, hits | unsure_bits << 16);
-        if ((votes >> 16) != 0) {
+        const uint32_t open = (votes >> 16) & ~votes;  // warp-uniform
+        if (open != 0) {
 #pragma unroll
           for (int blk = 0; blk < kBlocks; ++blk) {
-            if (!((unsure_bits >> blk) & 1)) continue;
-            const float cut0 = row_cut(thr[0], rd[blk]), cut1 = row_cut(thr[1], rd[blk]);
-            float exact[2] = {-INFINITY, -INFINITY};
+            if (!(((open & unsure_bits) >> blk) & 1)) continue;
+            bool hit = false;
 #pragma unroll
-            for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt)
+            for (int r = 0; r < 2; ++r) {
+              // Row r's columns of the block: elements nt * 4 + 2r + c.
+              const float cut = row_cut(thr[r], rd[blk]);
+              int32_t vals[BK / 4];
 #pragma unroll
-              for (int c = 0; c < 2; ++c) {
-                exact[0] = fmaxf(exact[0], exact_logit_units_cut(acc(nt * 4 + c), bias[nt * 8 + c], d[blk], rd[blk], cut0));
-                exact[1] = fmaxf(exact[1], exact_logit_units_cut(acc(nt * 4 + 2 + c), bias[nt * 8 + c], d[blk], rd[blk], cut1));
+              for (int nt = 0; nt < BK / 8; ++nt)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) vals[nt * 2 + c] = acc((blk * (BK / 8) + nt) * 4 + 2 * r + c);
+              const RowVerdict v = refine_row(max_tree(vals), cut, thr[r], d[blk], rd[blk]);
+              if (v != RowVerdict::kExact) {
+                hit |= v == RowVerdict::kHit;
+                continue;
               }
-            const bool hit = exact[0] * d[blk] > thr[0] || exact[1] * d[blk] > thr[1];
-            hits = (hits & ~(1u << blk)) | (uint32_t(hit) << blk);
+              float exact = -INFINITY;
+#pragma unroll
+              for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt)
+#pragma unroll
+                for (int c = 0; c < 2; ++c)
+                  exact = fmaxf(exact, exact_logit_units_cut(acc(nt * 4 + 2 * r + c), bias[nt * 8 + c], d[blk], rd[blk], cut));
+              hit |= exact * d[blk] > thr[r];
+            }
+            hits |= uint32_t(hit) << blk;
           }
           votes = __reduce_or_sync(0xffffffffu, hits);
         }
