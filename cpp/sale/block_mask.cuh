@@ -102,7 +102,7 @@ template <typename T, int D, bool VARLEN>
 __global__ void __launch_bounds__(kThreads) row_threshold_kernel(const BlockMaskParams p) {
   constexpr int kKeys = 32;       // keys per smem tile
   constexpr int kPad = 8;         // 16 bytes: rows land on distinct banks for the B loads
-  __shared__ __align__(16) T ks[kKeys][D + kPad];
+  __shared__ __align__(16) T ks[2][kKeys][D + kPad];  // two chunks: one loads while the other is used
 
   const int m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const SeqSpan sp = seq_of<VARLEN>(p, b);
@@ -142,63 +142,74 @@ __global__ void __launch_bounds__(kThreads) row_threshold_kernel(const BlockMask
 
   const int e = block_end(sp, m);
   const int lo = window_first_block(p, e) * p.bk;
-  // Dense keys: [0, bk) when the window does not reach it, then [lo, e).
-  const int ranges[2][2] = {{0, lo > 0 ? p.bk : 0}, {lo, e}};
+  // Dense keys in chunks of kKeys: [0, sink_end) when the window does not reach the sink block,
+  // then [lo, e); the next chunk loads while this one is used.
+  const int sink_end = lo > 0 ? p.bk : 0;
+  const int n_sink = (sink_end + kKeys - 1) / kKeys, n_chunks = n_sink + (e - lo + kKeys - 1) / kKeys;
+  auto chunk_start = [&](int i) { return i < n_sink ? i * kKeys : lo + (i - n_sink) * kKeys; };
+  auto load_chunk = [&](int i) {
+    const int k0 = chunk_start(i);
+    for (int c = threadIdx.x; c < kKeys * D / 8; c += kThreads) {  // zeros past Nk
+      const int key = c / (D / 8), col = (c % (D / 8)) * 8;
+      const bool in = k0 + key < nk;
+      cp_async_16(&ks[i % 2][key][col], k + (in ? (k0 + key) * p.k_row_stride + col : 0), in ? 16 : 0);
+    }
+    cp_async_commit();
+  };
 
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-  const float scale = p.scale;
+  // exp(scale (s - m)) as exp2((s - m) scale log2 e): MUFU.EX2 without expf's range reduction.
+  const float scale = p.scale, sl2 = p.scale * 1.4426950408889634f;
 
-  for (int ri = 0; ri < 2; ++ri) {
-    for (int k0 = ranges[ri][0]; k0 < ranges[ri][1]; k0 += kKeys) {
-      // Stage 32 keys (zero past Nk) into shared memory.
-      for (int c = threadIdx.x; c < kKeys * D / 8; c += kThreads) {
-        const int key = c / (D / 8), col = (c % (D / 8)) * 8;
-        const bool in = k0 + key < nk;
-        cp_async_16(&ks[key][col], k + (in ? (k0 + key) * p.k_row_stride + col : 0), in ? 16 : 0);
-      }
-      cp_async_commit();
+  if (n_chunks > 0) load_chunk(0);
+  for (int i = 0; i < n_chunks; ++i) {
+    if (i + 1 < n_chunks) {
+      load_chunk(i + 1);
+      cp_async_wait<1>();  // chunk i has landed; i + 1 may still be in flight
+    } else {
       cp_async_wait<0>();
-      __syncthreads();
+    }
+    __syncthreads();
+    const auto& kc = ks[i % 2];
+    const int k0 = chunk_start(i), end = i < n_sink ? sink_end : e;
 
-      float s[kKeys / 8][4];
+    float s[kKeys / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kKeys / 8; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t bf[2] = {*reinterpret_cast<const uint32_t*>(&kc[nt * 8 + g][kk * 16 + 2 * t]),
+                                *reinterpret_cast<const uint32_t*>(&kc[nt * 8 + g][kk * 16 + 8 + 2 * t])};
+        mma_16x8x16<T>(s[nt], a[kk], bf);
+      }
+    }
+    // Smoothed logits s_ij = q_i.k_j - q_i.k_mean; hide what row i cannot see or does not exist.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float chunk_max = -INFINITY;
 #pragma unroll
       for (int nt = 0; nt < kKeys / 8; ++nt) {
-        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          const uint32_t bf[2] = {*reinterpret_cast<const uint32_t*>(&ks[nt * 8 + g][kk * 16 + 2 * t]),
-                                  *reinterpret_cast<const uint32_t*>(&ks[nt * 8 + g][kk * 16 + 8 + 2 * t])};
-          mma_16x8x16<T>(s[nt], a[kk], bf);
+        for (int c = 0; c < 2; ++c) {
+          const int j = k0 + nt * 8 + 2 * t + c;
+          const bool visible = rows[r] < nq && j < end && j <= rows[r] + (nk - nq);
+          float& v = s[nt][2 * r + c];
+          v = visible ? v - qk_mean[r] : -INFINITY;
+          chunk_max = fmaxf(chunk_max, v);
         }
       }
-      // Smoothed logits s_ij = q_i.k_j - q_i.k_mean; hide what row i cannot see or does not exist.
-      const int end = ranges[ri][1];
+      const float new_max = fmaxf(row_max[r], quad_max(chunk_max));
+      if (new_max == -INFINITY) continue;  // nothing visible yet
+      float sum = row_sum[r] * exp2f((row_max[r] - new_max) * sl2);
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float chunk_max = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < kKeys / 8; ++nt) {
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int j = k0 + nt * 8 + 2 * t + c;
-            const bool visible = rows[r] < nq && j < end && j <= rows[r] + (nk - nq);
-            float& v = s[nt][2 * r + c];
-            v = visible ? v - qk_mean[r] : -INFINITY;
-            chunk_max = fmaxf(chunk_max, v);
-          }
-        }
-        const float new_max = fmaxf(row_max[r], quad_max(chunk_max));
-        if (new_max == -INFINITY) continue;  // nothing visible yet
-        float sum = row_sum[r] * expf(scale * (row_max[r] - new_max));
-#pragma unroll
-        for (int nt = 0; nt < kKeys / 8; ++nt) {
-          sum += expf(scale * (s[nt][2 * r] - new_max)) + expf(scale * (s[nt][2 * r + 1] - new_max));
-        }
-        row_max[r] = new_max;
-        row_sum[r] = sum;
+      for (int nt = 0; nt < kKeys / 8; ++nt) {
+        sum += exp2f((s[nt][2 * r] - new_max) * sl2) + exp2f((s[nt][2 * r + 1] - new_max) * sl2);
       }
-      __syncthreads();  // the tile is overwritten next
+      row_max[r] = new_max;
+      row_sum[r] = sum;
     }
+    __syncthreads();  // chunk i's buffer is refilled by load_chunk(i + 2)
   }
 
   const float tau = p.tau[h];
