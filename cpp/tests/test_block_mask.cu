@@ -132,6 +132,18 @@ Quantized draw_quantized(const Case& c) {
   return z;
 }
 
+// Reads the device mask words back and counts the bits that differ from want ([rows, nK], one
+// byte per block); bits past nK must be 0.
+int count_differing(const uint32_t* dbits, size_t words, int nW, int nK, const std::vector<uint8_t>& want) {
+  std::vector<uint32_t> bits(words);
+  CUDA_OK(cudaMemcpy(bits.data(), dbits, words * sizeof(uint32_t), cudaMemcpyDeviceToHost));
+  int differ = 0;
+  for (size_t row = 0; row < words / nW; ++row)
+    for (int n = 0; n < 32 * nW; ++n)
+      differ += ((bits[row * nW + n / 32] >> (n % 32)) & 1u) != (n < nK ? want[row * nK + n] : 0u);
+  return differ;
+}
+
 // Returns the number of blocks that differ from the host reference beyond SPEC §7's near-tie
 // tolerance; near ties are counted in *near.
 int run_case(const Case& c, int* near, int* candidates, bool* scorers_agree) {
@@ -266,12 +278,7 @@ int run_case(const Case& c, int* near, int* candidates, bool* scorers_agree) {
       CUDA_OK(cudaMemset(dbits, 0x55, words * sizeof(uint32_t)));
       CUDA_OK(sale::launch_block_mask(pv, c.bf16, D, nullptr));
       CUDA_OK(cudaDeviceSynchronize());
-      std::vector<uint32_t> bits(words);
-      CUDA_OK(cudaMemcpy(bits.data(), dbits, words * sizeof(uint32_t), cudaMemcpyDeviceToHost));
-      int differ = 0;
-      for (size_t row = 0; row < words / nW; ++row)
-        for (int n = 0; n < 32 * nW; ++n)
-          differ += ((bits[row * nW + n / 32] >> (n % 32)) & 1u) != (n < nK ? got[w][row * nK + n] : 0u);
+      const int differ = count_differing(dbits, words, nW, nK, got[w]);
       if (differ) std::printf("  packed (cu_seqlens) path, %s scorer: %d blocks differ\n", w ? "wgmma" : "mma", differ);
       bad += differ;
     }
@@ -378,12 +385,7 @@ int run_boundary_case(const Case& c, int* candidates, int* kept) {
     CUDA_OK(cudaMemset(dbits, 0x55, words * sizeof(uint32_t)));
     CUDA_OK(launch_candidates_only(p, w, D, dpacked));
     CUDA_OK(cudaDeviceSynchronize());
-    std::vector<uint32_t> bits(words);
-    CUDA_OK(cudaMemcpy(bits.data(), dbits, words * sizeof(uint32_t), cudaMemcpyDeviceToHost));
-    int differ = 0;
-    for (size_t row = 0; row < words / nW; ++row)
-      for (int n = 0; n < 32 * nW; ++n)
-        differ += ((bits[row * nW + n / 32] >> (n % 32)) & 1u) != (n < nK ? want[row * nK + n] : 0u);
+    const int differ = count_differing(dbits, words, nW, nK, want);
     if (differ) std::printf("  %s scorer: %d blocks differ from the host\n", kScorerNames[w], differ);
     bad += differ;
   }
