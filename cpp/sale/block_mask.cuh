@@ -222,6 +222,15 @@ __global__ void __launch_bounds__(kThreads) row_threshold_kernel(const BlockMask
   }
 }
 
+// SPEC §4.2-4.3: the row thresholds into p.row_threshold (every scorer's first kernel).
+template <typename T, int D>
+inline cudaError_t launch_row_thresholds(const BlockMaskParams& p, cudaStream_t stream) {
+  const dim3 grid(p.nQ, p.q_heads, p.batch);
+  if (p.cu_seqlens_q != nullptr) row_threshold_kernel<T, D, true><<<grid, kThreads, 0, stream>>>(p);
+  else row_threshold_kernel<T, D, false><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
 // ------------------------------------------------------------------------------------------
 // Kernel 2: candidate blocks against the thresholds. Shared pieces of both scorers first.
 // ------------------------------------------------------------------------------------------
@@ -658,33 +667,35 @@ inline cudaError_t launch_expand_mask(const uint32_t* bits, bool* mask, int64_t 
   return cudaGetLastError();
 }
 
+// SPEC §4.4 alone with the mma.sync scorer (candidate_kernel, any GPU from sm_80 on), on the row
+// thresholds already in p.row_threshold.
+template <int D, int BK, bool VARLEN>
+inline cudaError_t launch_candidates_mma(const BlockMaskParams& p, cudaStream_t stream) {
+  const int heads = scorer_heads_per_cta(p.q_heads, p.kv_heads);
+  const dim3 grid(p.nQ, p.q_heads / heads, p.batch);
+  if (heads == 4) candidate_kernel<D, BK, 4, VARLEN><<<grid, 256, 0, stream>>>(p);
+  else if (heads == 2) candidate_kernel<D, BK, 2, VARLEN><<<grid, 128, 0, stream>>>(p);
+  else candidate_kernel<D, BK, 1, VARLEN><<<grid, 64, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
 // SPEC §4.4 alone: the candidate scorer on the row thresholds already in p.row_threshold
 // (launch_block_mask computes them first; kernel tests write their own).
 template <int D, int BK>
 inline cudaError_t launch_candidates(const BlockMaskParams& p, cudaStream_t stream) {
-  const int heads = scorer_heads_per_cta(p.q_heads, p.kv_heads);
   if (p.use_wgmma && key_rows_fit_tma(p)) {
+    const int heads = scorer_heads_per_cta(p.q_heads, p.kv_heads);
     if (heads == 4) return launch_candidate_ws<D, BK, 4>(p, stream);
     if (heads == 2) return launch_candidate_ws<D, BK, 2>(p, stream);
     return launch_candidate_ws<D, BK, 1>(p, stream);
   }
-  const dim3 grid(p.nQ, p.q_heads / heads, p.batch);
-  auto launch = [&](auto varlen_tag) {
-    constexpr bool kVarlen = decltype(varlen_tag)::value;
-    if (heads == 4) candidate_kernel<D, BK, 4, kVarlen><<<grid, 256, 0, stream>>>(p);
-    else if (heads == 2) candidate_kernel<D, BK, 2, kVarlen><<<grid, 128, 0, stream>>>(p);
-    else candidate_kernel<D, BK, 1, kVarlen><<<grid, 64, 0, stream>>>(p);
-  };
-  if (p.cu_seqlens_q != nullptr) launch(std::true_type{});
-  else launch(std::false_type{});
-  return cudaGetLastError();
+  return p.cu_seqlens_q != nullptr ? launch_candidates_mma<D, BK, true>(p, stream)
+                                   : launch_candidates_mma<D, BK, false>(p, stream);
 }
 
 template <typename T, int D, int BK>
 inline cudaError_t launch_block_mask_impl(const BlockMaskParams& p, cudaStream_t stream) {
-  if (p.cu_seqlens_q != nullptr) row_threshold_kernel<T, D, true><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
-  else row_threshold_kernel<T, D, false><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
-  const cudaError_t err = cudaGetLastError();
+  const cudaError_t err = launch_row_thresholds<T, D>(p, stream);
   return err != cudaSuccess ? err : launch_candidates<D, BK>(p, stream);
 }
 

@@ -214,21 +214,9 @@ inline cudaError_t launch_candidates_s4(const BlockMaskParams& p, uint8_t* k_pac
   return cudaGetLastError();
 }
 
-// The same with the 8-bit mma.sync scorer (candidate_kernel of block_mask.cuh).
-template <int D, int BK>
-inline cudaError_t launch_candidates_s8(const BlockMaskParams& p, cudaStream_t stream) {
-  const int heads = scorer_heads_per_cta(p.q_heads, p.kv_heads);
-  const dim3 grid(p.nQ, p.q_heads / heads, p.batch);
-  if (heads == 4) candidate_kernel<D, BK, 4, false><<<grid, 256, 0, stream>>>(p);
-  else if (heads == 2) candidate_kernel<D, BK, 2, false><<<grid, 128, 0, stream>>>(p);
-  else candidate_kernel<D, BK, 1, false><<<grid, 64, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
 template <typename T, int D, int BK>
 inline cudaError_t launch_block_mask_s4_impl(const BlockMaskParams& p, uint8_t* k_packed, cudaStream_t stream) {
-  row_threshold_kernel<T, D, false><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
-  const cudaError_t err = cudaGetLastError();
+  const cudaError_t err = launch_row_thresholds<T, D>(p, stream);
   return err != cudaSuccess ? err : launch_candidates_s4<D, BK>(p, k_packed, stream);
 }
 
@@ -251,9 +239,8 @@ inline cudaError_t launch_block_mask_s8(const BlockMaskParams& p, bool is_bf16, 
   return dispatch_dtype_dim_block(is_bf16, head_dim, p.bk, [&](auto type, auto dim, auto bk) {
     using T = typename decltype(type)::type;
     constexpr int kD = decltype(dim)::value, kBk = decltype(bk)::value;
-    row_threshold_kernel<T, kD, false><<<dim3(p.nQ, p.q_heads, p.batch), kThreads, 0, stream>>>(p);
-    const cudaError_t err = cudaGetLastError();
-    return err != cudaSuccess ? err : launch_candidates_s8<kD, kBk>(p, stream);
+    const cudaError_t err = launch_row_thresholds<T, kD>(p, stream);
+    return err != cudaSuccess ? err : launch_candidates_mma<kD, kBk, false>(p, stream);
   });
 }
 

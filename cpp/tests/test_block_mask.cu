@@ -55,7 +55,7 @@ cudaError_t launch_candidates_only(const sale::BlockMaskParams& p, int which, in
   return sale::dispatch_dtype_dim_block(false, D, p.bk, [&](auto, auto dim, auto bk) {
     constexpr int kD = decltype(dim)::value, kBk = decltype(bk)::value;
     return which == 1 ? sale::launch_candidates_s4<kD, kBk>(p, k_packed, nullptr)
-                      : sale::launch_candidates_s8<kD, kBk>(p, nullptr);
+                      : sale::launch_candidates_mma<kD, kBk, false>(p, nullptr);
   });
 }
 
