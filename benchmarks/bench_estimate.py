@@ -7,8 +7,10 @@ attention in the same process (issue 3's benchmark).
 Prints a markdown table: ms per step, the ratio to cuDNN, the block density the thresholds
 produced, the 8-bit tensor-core rate on candidate tiles (2·D ops per candidate (query, key) pair
 over the block_mask time), the time of the mma.sync scorer (SALE_OPS_ESTIMATOR=mma) for comparison,
-and what sale.attention runs: the same kernels a few heads at a time (sale_ops._pipeline), with its
-peak extra GPU memory (quantized tensors + bit-packed mask) over the bytes of q + k + v.
+sale.select (both steps in one op, the query codes made inside the scorer instead of stored), and
+what sale.attention runs: sale.select on as many heads at a time as its memory share allows
+(sale_ops._pipeline), with its peak extra GPU memory (quantized tensors + bit-packed mask) over the
+bytes of q + k + v.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ def run(n, hq, hkv, d, tau, repeats, sets, with_mma=True):
         del os.environ["SALE_OPS_ESTIMATOR"]  # the default: warp-specialised wgmma
     t_mask = time_ms(select, args, repeats)
 
+    def fused(q, k, v):  # sale.select: quantize + block_mask_bits, no stored query codes (Hopper)
+        return torch.ops.sale.select(q, k, tau_t, 64, 32, 128, scale)
+
+    t_select = time_ms(fused, inputs, repeats)
+
     # What sale.attention runs: the same kernels a few heads at a time (bounded memory).
     def pipeline_select(q, k, v):
         return select_blocks(q, k, v, tau_t, 64, 32, 128, scale)
@@ -78,7 +85,7 @@ def run(n, hq, hkv, d, tau, repeats, sets, with_mma=True):
     return dict(
         n=n, hq=hq, hkv=hkv, d=d, dense=t_dense, quant=t_quant, mask=t_mask, mask_mma=t_mask_mma,
         ratio=(t_quant + t_mask) / t_dense, density=density, tops=tops, mem=extra / qkv_bytes,
-        pipeline=t_pipeline, steps=steps,
+        pipeline=t_pipeline, steps=steps, select=t_select,
     )
 
 
@@ -96,15 +103,16 @@ def main():
     shapes = [tuple(int(x) for x in s.split("/")) for s in a.shapes]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {sale_ops.backend_summary('cuda')}")
     print(f"bf16, B=1, tau={a.tau}, bq=64, bk=32, W=128; synthetic sparse inputs (sale_ops.testing.make_qkv)\n")
-    print("| N | Hq/Hkv/D | cuDNN ms | quantize ms | block_mask ms | (q+m)/cuDNN | density | candidate TOPS (% of 1979) | mma.sync scorer ms | selection in head steps ms (steps) | its extra mem / qkv |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| N | Hq/Hkv/D | cuDNN ms | quantize ms | block_mask ms | (q+m)/cuDNN | density | candidate TOPS (% of 1979) | mma.sync scorer ms | select ms | select/cuDNN | pipeline's selection ms (steps) | its extra mem / qkv |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for hq, hkv, d in shapes:
         for n in lengths:
             r = run(n, hq, hkv, d, a.tau, a.repeats, a.sets, with_mma=not a.no_mma)
             print(
                 f"| {n} | {hq}/{hkv}/{d} | {r['dense']:.2f} | {r['quant']:.2f} | {r['mask']:.2f} | "
                 f"{r['ratio']:.3f} | {r['density']:.3f} | {r['tops']:.0f} ({100 * r['tops'] / INT8_PEAK_TOPS:.0f}%) | "
-                f"{r['mask_mma']:.2f} | {r['pipeline']:.2f} ({r['steps'][0]} kv x {r['steps'][1]} q heads) | "
+                f"{r['mask_mma']:.2f} | {r['select']:.2f} | {r['select'] / r['dense']:.3f} | "
+                f"{r['pipeline']:.2f} ({r['steps'][0]} kv x {r['steps'][1]} q heads) | "
                 f"{r['mem']:.3f} |",
                 flush=True,
             )

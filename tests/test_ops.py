@@ -7,7 +7,7 @@ import sale_ops
 from sale_ops import reference as ref
 from sale_ops.testing import assert_attention_close, assert_block_mask_agrees, make_qkv
 
-OPS = ["quantize", "block_mask", "block_mask_bits", "block_sparse_attention", "attention"]
+OPS = ["quantize", "block_mask", "block_mask_bits", "select", "block_sparse_attention", "attention"]
 
 
 def test_every_op_is_registered_with_its_schema():
@@ -33,6 +33,7 @@ def op_samples(device="cpu"):
         out.append(("quantize", (q, k, 32)))
         out.append(("block_mask", (q, k, *qz, tau, 64, 32, 128, 0.125)))
         out.append(("block_mask_bits", (q, k, *qz, tau, 64, 32, 128, 0.125)))
+        out.append(("select", (q, k, tau, 64, 32, 128, 0.125)))
         out.append(("block_sparse_attention", (q, k, v, mask, 64, 32, 0.125, True)))
         out.append(("block_sparse_attention", (q, k, v, sale_ops.pack_block_mask(mask), 64, 32, 0.125, True)))
         out.append(("block_sparse_attention", (q, k, v, torch.ones_like(mask), 64, 32, 0.125, False)))
@@ -41,7 +42,7 @@ def op_samples(device="cpu"):
     return out
 
 
-@pytest.mark.parametrize("index", range(16))
+@pytest.mark.parametrize("index", range(18))
 def test_opcheck(index):
     name, args = op_samples()[index]
     torch.library.opcheck(getattr(torch.ops.sale, name).default, args)
@@ -55,6 +56,7 @@ def test_ops_equal_reference_on_cpu():
         assert torch.equal(got, exp)
     mask = sale_ops.block_mask(q, k, tau, quantized=qz)
     assert torch.equal(mask, ref.block_mask(q, k, want, tau))
+    assert torch.equal(torch.ops.sale.select(q, k, tau, 64, 32, 128, 64**-0.5), sale_ops.pack_block_mask(mask))
     res = sale_ops.attention(q, k, v, tau, return_lse=True, return_block_mask=True)
     out, lse, rmask = ref.attention(q, k, v, tau)
     assert torch.equal(res.block_mask, rmask) and torch.equal(res.out, out) and torch.equal(res.lse, lse)

@@ -28,8 +28,13 @@ struct BlockMaskParams {
   const void* k;  // [B, Hkv, Nk, D] f16/bf16, last dim contiguous
   int64_t q_batch_stride, q_head_stride, q_row_stride;  // in elements
   int64_t k_batch_stride, k_head_stride, k_row_stride;
-  const int8_t* q_codes;  // [B, Hq, Nq, D] contiguous
+  const int8_t* q_codes;  // [B, Hq, Nq, D] contiguous; nullptr: see q_mean
   const float* q_scale;   // [B, Hq, Nq]
+  // With q_codes == nullptr (sale.select, wgmma scorer only) each scorer CTA quantizes its query
+  // rows itself from q, q_scale and the query means [B, Hq, D] (quantize's scratch q_mean), exactly
+  // as sale.quantize would: the codes (0.33x the bytes of q + k + v at D 128) are never stored.
+  const float* q_mean;
+  bool q_bf16;  // q's dtype (bf16, else fp16), for that quantization
   const int8_t* k_codes;  // [B, Hkv, Nk, D] contiguous
   const float* k_scale;   // [B, Hkv, Nk]
   const float* qk_bias;   // [B, Hq, Nk]

@@ -32,6 +32,7 @@
 #include <type_traits>
 
 #include "sale/block_mask.cuh"
+#include "sale/codes.cuh"
 
 namespace sale {
 
@@ -90,6 +91,33 @@ struct IssueTurn {
   }
 };
 
+// Codes of 16 consecutive columns [col, col + 16) of row `qrow` of head h of sequence b, whose
+// scale sits at q_scale[q_row], made as sale.quantize makes them (code_of on the centred value
+// and the row's group scale): bit-identical, so the mask is the same whether or not the codes
+// were stored.
+template <int D>
+__device__ __forceinline__ uint4 quantize_query_piece(const BlockMaskParams& p, const SeqSpan& s, int b, int h,
+                                                      int qrow, int64_t q_row, int col) {
+  const uint16_t* x = static_cast<const uint16_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                      (int64_t(s.q0) + qrow) * p.q_row_stride + col;
+  const float* mu = p.q_mean + (int64_t(b) * p.q_heads + h) * D + col;
+  const float scale = p.q_scale[q_row];
+  uint32_t packed[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x + 8 * half));
+    float f[8];
+    if (p.q_bf16) unpack8<__nv_bfloat16>(raw, f);
+    else unpack8<__half>(raw, f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int c = code_of(f[e], __ldg(mu + 8 * half + e), scale);
+      packed[2 * half + e / 4] |= (static_cast<uint32_t>(c) & 0xffu) << (8 * (e % 4));
+    }
+  }
+  return make_uint4(packed[0], packed[1], packed[2], packed[3]);
+}
+
 }  // namespace ws
 
 template <int D, int BK, int HEADS, bool VARLEN>
@@ -124,15 +152,21 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
     }
     cutlass::arch::fence_barrier_init();
   }
-  // Query codes of every head (rows past Nq are zero) into their swizzled tiles.
+  // Query codes of every head (rows past Nq are zero) into their swizzled tiles: copied, or made
+  // here from q when sale.select did not store them (ws::quantize_query_piece).
   for (int c = threadIdx.x; c < HEADS * kBq * D / 16; c += blockDim.x) {
     const int hh = c / (kBq * D / 16), rest = c % (kBq * D / 16);
     const int row = rest / (D / 16), col = (rest % (D / 16)) * 16;
     const int qrow = m * kBq + row;
     const bool in = qrow < cta.s.nq;
     Tensor sQ = make_tensor(make_smem_ptr(sm.q[hh]), QLayout{});
-    const int8_t* src = p.q_codes + (q_rows_of<VARLEN>(p, cta.s, b, h0 + hh) + (in ? qrow : 0)) * D + col;
-    cp_async_16(raw_pointer_cast(&sQ(row, col)), src, in ? 16 : 0);
+    const int64_t q_row = q_rows_of<VARLEN>(p, cta.s, b, h0 + hh) + (in ? qrow : 0);
+    if (p.q_codes != nullptr) {
+      cp_async_16(raw_pointer_cast(&sQ(row, col)), p.q_codes + q_row * D + col, in ? 16 : 0);
+    } else {
+      const uint4 codes = in ? ws::quantize_query_piece<D>(p, cta.s, b, h0 + hh, qrow, q_row, col) : uint4{};
+      *reinterpret_cast<uint4*>(raw_pointer_cast(&sQ(row, col))) = codes;
+    }
   }
   cp_async_commit();
   cp_async_wait<0>();

@@ -21,6 +21,8 @@
 
 #include <cstdint>
 
+#include "sale/codes.cuh"
+
 namespace sale {
 
 enum class QuantizeDtype { kHalf, kBFloat16 };
@@ -34,7 +36,8 @@ struct QuantizeParams {
   int64_t q_stride_b = 0, q_stride_h = 0, q_stride_n = 0;  // elements
   int64_t k_stride_b = 0, k_stride_h = 0, k_stride_n = 0;
   int bk = 32;  // key block: 32 or 64
-  // Outputs, contiguous.
+  // Outputs, contiguous. q_codes may be nullptr: the query pass then writes only the scales (the
+  // wgmma scorer quantizes its query rows itself from them and the scratch q_mean, sale.select).
   int8_t* q_codes = nullptr;  // [B, Hq, Nq, D]
   float* q_scale = nullptr;   // [B, Hq, Nq]
   int8_t* k_codes = nullptr;  // [B, Hkv, Nk, D]
@@ -72,29 +75,6 @@ inline int64_t mean_rows_per_chunk(const QuantizeParams& p) {
                              p.Hkv * cdiv(p.Nk, steps * rows_per_step)) < kMinMeanCtas)
     steps /= 2;
   return steps * rows_per_step;
-}
-
-template <typename T>
-__device__ __forceinline__ float2 unpack2(uint32_t w);
-template <>
-__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t w) {
-  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
-}
-template <>
-__device__ __forceinline__ float2 unpack2<__half>(uint32_t w) {
-  return __half22float2(__halves2half2(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)),
-                                       __ushort_as_half(static_cast<unsigned short>(w >> 16))));
-}
-
-template <typename T>
-__device__ __forceinline__ void unpack8(const uint4& r, float (&f)[8]) {
-  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 v = unpack2<T>(w[i]);
-    f[2 * i] = v.x;
-    f[2 * i + 1] = v.y;
-  }
 }
 
 // 8 consecutive elements; VEC: one 16-byte load (the address is 16-byte aligned).
@@ -238,20 +218,21 @@ __device__ __forceinline__ void quantize_tile(const QuantizeParams& p, int64_t b
 
   int8_t* codes = (IS_K ? p.k_codes : p.q_codes) + s.out0 * D + col * 8;
   float* scales = (IS_K ? p.k_scale : p.q_scale) + s.out0;
+  const bool write_codes = IS_K || p.q_codes != nullptr;
 #pragma unroll
   for (int i = 0; i < CPL; ++i) {
     if (row[i] < 0) continue;
+    if (col == 0) scales[row[i]] = scale[i / IG];
+    if (!write_codes) continue;
     float f[8];
     unpack8<T>(raw[i], f);
     uint32_t packed[2] = {0u, 0u};
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      // True division, as the reference: x * (1/scale) can round to the other side of a tie.
-      const int c = min(7, max(-7, __float2int_rn(__fdiv_rn(f[e] - mu[e], scale[i / IG]))));
+      const int c = code_of(f[e], mu[e], scale[i / IG]);
       packed[e / 4] |= (static_cast<uint32_t>(c) & 0xffu) << (8 * (e % 4));
     }
     *reinterpret_cast<uint2*>(codes + static_cast<int64_t>(row[i]) * D) = make_uint2(packed[0], packed[1]);
-    if (col == 0) scales[row[i]] = scale[i / IG];
   }
 
   if constexpr (IS_K) {

@@ -144,6 +144,46 @@ int count_differing(const uint32_t* dbits, size_t words, int nW, int nK, const s
   return differ;
 }
 
+#ifndef SALE_TEST_SM8X
+// sale.select's mode of the wgmma scorer: no stored query codes, each CTA makes them from q, the
+// query means and q_scale. With codes computed here from the same q, means and scales (SPEC §2's
+// formula in fp32: correctly rounded quotient, round half to even, clamp), the stored-codes run and
+// the codes-made-in-the-scorer run must keep exactly the same blocks. Returns the blocks that differ.
+int check_codes_made_in_scorer(const Case& c, sale::BlockMaskParams p, const std::vector<float>& q,
+                               const std::vector<float>& qs, size_t words, int nW, int nK) {
+  const int hq = c.hkv * c.g, D = c.D;
+  std::vector<float> q_mean(size_t(c.b) * hq * D);
+  for (auto& x : q_mean) x = 0.3f * uniform();
+  std::vector<int8_t> codes(q.size());
+  for (size_t i = 0; i < q.size(); ++i) {
+    const size_t row = i / D, bh = row / c.nq;
+    const float x = (q[i] - q_mean[bh * D + i % D]) / qs[row];
+    codes[i] = int8_t(std::min(7.f, std::max(-7.f, std::nearbyint(x))));
+  }
+  int8_t* dcodes = to_device(codes);
+  float* dmean = to_device(q_mean);
+  p.q_codes = dcodes;
+  p.q_bf16 = c.bf16;
+  CUDA_OK(launch_scorer(p, 1, c.bf16, D, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<uint32_t> stored(words);
+  CUDA_OK(cudaMemcpy(stored.data(), p.mask_bits, words * sizeof(uint32_t), cudaMemcpyDeviceToHost));
+  std::vector<uint8_t> want(words / nW * nK);
+  for (size_t row = 0; row < words / nW; ++row)
+    for (int n = 0; n < nK; ++n) want[row * nK + n] = (stored[row * nW + n / 32] >> (n % 32)) & 1u;
+  p.q_codes = nullptr;
+  p.q_mean = dmean;
+  CUDA_OK(cudaMemset(p.mask_bits, 0x55, words * sizeof(uint32_t)));
+  CUDA_OK(launch_scorer(p, 1, c.bf16, D, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  const int differ = count_differing(p.mask_bits, words, nW, nK, want);
+  if (differ) std::printf("  query codes made in the wgmma scorer: %d blocks differ from stored codes\n", differ);
+  CUDA_OK(cudaFree(dcodes));
+  CUDA_OK(cudaFree(dmean));
+  return differ;
+}
+#endif
+
 // Returns the number of blocks that differ from the host reference beyond SPEC §7's near-tie
 // tolerance; near ties are counted in *near.
 int run_case(const Case& c, int* near, int* candidates, bool* scorers_agree) {
@@ -285,6 +325,7 @@ int run_case(const Case& c, int* near, int* candidates, bool* scorers_agree) {
     CUDA_OK(cudaFree(const_cast<int*>(pv.cu_seqlens_q)));
     CUDA_OK(cudaFree(const_cast<int*>(pv.cu_seqlens_k)));
   }
+  bad += check_codes_made_in_scorer(c, p, q, qs, words, nW, nK);
 #endif
   for (size_t i = 0; i < want.size(); ++i) {
     if (got[0][i] == want[i]) continue;

@@ -14,6 +14,7 @@
 
 #include "arch_dispatch.h"
 #include "entry_utils.h"
+#include "quantize_entry.h"
 #include "sm8x_entries.h"
 #include "sale/block_mask.cuh"
 #include "sale/block_mask_sm90.cuh"
@@ -25,12 +26,54 @@ using torch::stable::Tensor;
 
 constexpr const char* kOp = "sale.block_mask";
 
-void check_cuda_tensor(const Tensor& t, const char* name, ScalarType dtype, int64_t dim, const Tensor& like) {
-  STD_TORCH_CHECK(t.is_cuda(), kOp, ": argument '", name, "' must be a CUDA tensor");
-  STD_TORCH_CHECK(t.get_device_index() == like.get_device_index(), kOp, ": argument '", name,
+void check_cuda_tensor(const Tensor& t, const char* name, ScalarType dtype, int64_t dim, const Tensor& like,
+                       const char* op = kOp) {
+  STD_TORCH_CHECK(t.is_cuda(), op, ": argument '", name, "' must be a CUDA tensor");
+  STD_TORCH_CHECK(t.get_device_index() == like.get_device_index(), op, ": argument '", name,
                      "' is on another device than 'q'");
-  STD_TORCH_CHECK(t.scalar_type() == dtype, kOp, ": argument '", name, "' has the wrong dtype");
-  STD_TORCH_CHECK(t.dim() == dim, kOp, ": argument '", name, "' must have ", dim, " dimensions, got ", t.dim());
+  STD_TORCH_CHECK(t.scalar_type() == dtype, op, ": argument '", name, "' has the wrong dtype");
+  STD_TORCH_CHECK(t.dim() == dim, op, ": argument '", name, "' must have ", dim, " dimensions, got ", t.dim());
+}
+
+// q, k, tau and the block options of a batched selection (sale.block_mask*, sale.select).
+void check_selection_args(const char* op, const Tensor& q, const Tensor& k, const Tensor& tau, int64_t bq, int64_t bk,
+                          int64_t window, double scale) {
+  const ScalarType dt = q.scalar_type();
+  STD_TORCH_CHECK(dt == ScalarType::BFloat16 || dt == ScalarType::Half, op,
+                     ": argument 'q' must be float16 or bfloat16");
+  check_cuda_tensor(q, "q", dt, 4, q, op);
+  check_cuda_tensor(k, "k", dt, 4, q, op);
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2);
+  STD_TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && Hq % Hkv == 0, op,
+                     ": 'k' must be [B, Hkv, Nk, D] with Hq % Hkv == 0 and the batch and head dim of 'q'");
+  STD_TORCH_CHECK(D == 64 || D == 128, op, ": argument 'q' has head dim ", D, "; supported: 64, 128");
+  STD_TORCH_CHECK(bq == 64, op, ": argument 'bq' is ", bq, "; supported: 64");
+  STD_TORCH_CHECK(bk == 32 || bk == 64, op, ": argument 'bk' is ", bk, "; supported: 32, 64");
+  STD_TORCH_CHECK(window % bk == 0 && window >= bq, op, ": argument 'window' is ", window,
+                     "; it must be a multiple of bk and at least bq");
+  STD_TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": argument 'scale' must be finite and > 0");
+  STD_TORCH_CHECK(Nq >= 1 && Nq <= Nk, op, ": causal selection needs 1 <= Nq <= Nk, got Nq=", Nq, ", Nk=", Nk);
+  STD_TORCH_CHECK(Nk < (int64_t(1) << 31) / 64, op, ": sequence too long");
+  sale_entry::check_rows_aligned(op, q, "q");
+  sale_entry::check_rows_aligned(op, k, "k");
+  check_cuda_tensor(tau, "tau", ScalarType::Float, 1, q, op);
+  STD_TORCH_CHECK(tau.is_contiguous() && tau.size(0) == Hq, op, ": argument 'tau' must be a contiguous [Hq] tensor");
+}
+
+// The shapes and raw inputs of a batched selection.
+void set_batched_shape(sale::BlockMaskParams& p, const Tensor& q, const Tensor& k, int64_t bk, int64_t window,
+                       double scale) {
+  const int64_t Nq = q.size(2), Nk = k.size(2), nK = (Nk + bk - 1) / bk;
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
+  p.batch = int(q.size(0)), p.q_heads = int(q.size(1)), p.kv_heads = int(k.size(1)), p.nq = int(Nq), p.nk = int(Nk);
+  p.bk = int(bk), p.window = int(window), p.nQ = int((Nq + sale::kBq - 1) / sale::kBq), p.nK = int(nK);
+  p.nW = int((nK + 31) / 32);
+  p.scale = float(scale);
+  p.q_bf16 = q.scalar_type() == ScalarType::BFloat16;
 }
 
 // The bit-packed mask [B, Hq, nQ, ceil(nK / 32)] (int32 words; bit n % 32 of word n / 32 is key
@@ -64,36 +107,33 @@ void check_codes_aligned(const char* op, const Tensor& t, const char* name) {
                   "' must start on a 16-byte boundary; call .clone() first");
 }
 
+// The kernels of a batched selection whose inputs p holds: the sm8x path's, or the Hopper ones.
+void launch_selection(const char* op, sale::BlockMaskParams& p, const Tensor& q, int64_t D, cudaStream_t stream) {
+  const bool bf16 = q.scalar_type() == ScalarType::BFloat16;
+  cudaError_t err;
+  if (sale_entry::kernel_path(op, q.get_device_index()) == sale_entry::KernelPath::kSm8x) {
+    Tensor k_packed = torch::stable::new_empty(
+        q, {int64_t(sale_sm8x_entry::block_mask_s4_scratch_bytes(p.batch, p.kv_heads, p.nk, D))}, ScalarType::Byte);
+    err = sale_sm8x_entry::launch_block_mask(&p, sizeof p, static_cast<uint8_t*>(k_packed.mutable_data_ptr()), bf16,
+                                             int(D), stream);
+  } else {
+    err = sale::launch_block_mask(p, bf16, int(D), stream);
+  }
+  STD_TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+}
+
 Tensor block_mask_bits_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, Tensor k_codes, Tensor k_scale,
                             Tensor qk_bias, Tensor k_mean, Tensor tau, int64_t bq, int64_t bk, int64_t window,
                             double scale) {
-  const ScalarType dt = q.scalar_type();
-  STD_TORCH_CHECK(dt == ScalarType::BFloat16 || dt == ScalarType::Half, kOp,
-                     ": argument 'q' must be float16 or bfloat16");
-  check_cuda_tensor(q, "q", dt, 4, q);
-  check_cuda_tensor(k, "k", dt, 4, q);
+  check_selection_args(kOp, q, k, tau, bq, bk, window, scale);
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Nk = k.size(2);
-  STD_TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && Hq % Hkv == 0, kOp,
-                     ": 'k' must be [B, Hkv, Nk, D] with Hq % Hkv == 0 and the batch and head dim of 'q'");
-  STD_TORCH_CHECK(D == 64 || D == 128, kOp, ": argument 'q' has head dim ", D, "; supported: 64, 128");
-  STD_TORCH_CHECK(bq == 64, kOp, ": argument 'bq' is ", bq, "; supported: 64");
-  STD_TORCH_CHECK(bk == 32 || bk == 64, kOp, ": argument 'bk' is ", bk, "; supported: 32, 64");
-  STD_TORCH_CHECK(window % bk == 0 && window >= bq, kOp, ": argument 'window' is ", window,
-                     "; it must be a multiple of bk and at least bq");
-  STD_TORCH_CHECK(std::isfinite(scale) && scale > 0, kOp, ": argument 'scale' must be finite and > 0");
-  STD_TORCH_CHECK(Nq >= 1 && Nq <= Nk, kOp, ": causal selection needs 1 <= Nq <= Nk, got Nq=", Nq, ", Nk=", Nk);
-  STD_TORCH_CHECK(Nk < (int64_t(1) << 31) / 64, kOp, ": sequence too long");
-  sale_entry::check_rows_aligned(kOp, q, "q");
-  sale_entry::check_rows_aligned(kOp, k, "k");
-
+  const int64_t Nk = k.size(2);
   check_cuda_tensor(q_codes, "q_codes", ScalarType::Char, 4, q);
   check_cuda_tensor(q_scale, "q_scale", ScalarType::Float, 3, q);
   check_cuda_tensor(k_codes, "k_codes", ScalarType::Char, 4, q);
   check_cuda_tensor(k_scale, "k_scale", ScalarType::Float, 3, q);
   check_cuda_tensor(qk_bias, "qk_bias", ScalarType::Float, 3, q);
   check_cuda_tensor(k_mean, "k_mean", ScalarType::Float, 3, q);
-  check_cuda_tensor(tau, "tau", ScalarType::Float, 1, q);
   const Tensor* contiguous[] = {&q_codes, &q_scale, &k_codes, &k_scale, &qk_bias, &k_mean, &tau};
   for (const Tensor* t : contiguous) {
     STD_TORCH_CHECK(t->is_contiguous(), kOp, ": the quantized tensors and 'tau' must be contiguous");
@@ -105,31 +145,43 @@ Tensor block_mask_bits_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, 
 
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   const cudaStream_t stream = sale_entry::current_stream(q);
-
-  const int64_t nQ = (Nq + bq - 1) / bq, nK = (Nk + bk - 1) / bk, nW = (nK + 31) / 32;
-  Tensor threshold = torch::stable::new_empty(q, {B, Hq, Nq}, ScalarType::Float);
-  Tensor bits = torch::stable::new_empty(q, {B, Hq, nQ, nW}, ScalarType::Int);
-
   sale::BlockMaskParams p{};
-  p.q = q.const_data_ptr();
-  p.k = k.const_data_ptr();
-  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
+  set_batched_shape(p, q, k, bk, window, scale);
+  Tensor threshold = torch::stable::new_empty(q, {B, Hq, Nq}, ScalarType::Float);
+  Tensor bits = torch::stable::new_empty(q, {B, Hq, int64_t(p.nQ), int64_t(p.nW)}, ScalarType::Int);
   set_selection_tensors(p, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, threshold, bits);
-  p.batch = int(B), p.q_heads = int(Hq), p.kv_heads = int(Hkv), p.nq = int(Nq), p.nk = int(Nk);
-  p.bk = int(bk), p.window = int(window), p.nQ = int(nQ), p.nK = int(nK), p.nW = int(nW);
-  p.scale = float(scale);
   p.use_wgmma = wgmma_estimator();
-  cudaError_t err;
-  if (sale_entry::kernel_path(kOp, q.get_device_index()) == sale_entry::KernelPath::kSm8x) {
-    Tensor k_packed = torch::stable::new_empty(
-        q, {int64_t(sale_sm8x_entry::block_mask_s4_scratch_bytes(B, Hkv, Nk, D))}, ScalarType::Byte);
-    err = sale_sm8x_entry::launch_block_mask(&p, sizeof p, static_cast<uint8_t*>(k_packed.mutable_data_ptr()),
-                                             dt == ScalarType::BFloat16, int(D), stream);
-  } else {
-    err = sale::launch_block_mask(p, dt == ScalarType::BFloat16, int(D), stream);
+  launch_selection(kOp, p, q, D, stream);
+  return bits;
+}
+
+// ---------------------------------------------------------------------------------------------
+// sale.select: sale.quantize + sale.block_mask_bits in one call. Where the wgmma scorer serves, the
+// query codes are never stored: each scorer CTA makes its rows' codes from q (bit-identical), so
+// the selection holds ~0.1x the bytes of q + k + v instead of ~0.45x (Llama-3.1-8B shapes) and
+// does not write and re-read 1 byte per query element.
+// ---------------------------------------------------------------------------------------------
+Tensor select_cuda(Tensor q, Tensor k, Tensor tau, int64_t bq, int64_t bk, int64_t window, double scale) {
+  constexpr const char* kSelect = "sale.select";
+  check_selection_args(kSelect, q, k, tau, bq, bk, window, scale);
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
+  const bool sm8x = sale_entry::kernel_path(kSelect, q.get_device_index()) == sale_entry::KernelPath::kSm8x;
+
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  const cudaStream_t stream = sale_entry::current_stream(q);
+  sale::BlockMaskParams p{};
+  set_batched_shape(p, q, k, bk, window, scale);
+  p.use_wgmma = wgmma_estimator();
+  const bool store_q_codes = sm8x || !p.use_wgmma || !sale::key_rows_fit_tma(p);
+  const sale_entry::Quantized z = sale_entry::quantize_batched(kSelect, q, k, bk, store_q_codes);
+  Tensor threshold = torch::stable::new_empty(q, {B, Hq, Nq}, ScalarType::Float);
+  Tensor bits = torch::stable::new_empty(q, {B, Hq, int64_t(p.nQ), int64_t(p.nW)}, ScalarType::Int);
+  set_selection_tensors(p, z.q_codes, z.q_scale, z.k_codes, z.k_scale, z.qk_bias, z.k_mean, tau, threshold, bits);
+  if (!store_q_codes) {
+    p.q_codes = nullptr;
+    p.q_mean = static_cast<const float*>(z.q_mean.const_data_ptr());
   }
-  STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
+  launch_selection(kSelect, p, q, D, stream);
   return bits;
 }
 
@@ -226,4 +278,5 @@ STABLE_TORCH_LIBRARY_IMPL(sale, CUDA, m) {
   m.impl("block_mask", TORCH_BOX(&block_mask_cuda));
   m.impl("block_mask_bits", TORCH_BOX(&block_mask_bits_cuda));
   m.impl("block_mask_bits_varlen", TORCH_BOX(&block_mask_bits_varlen_cuda));
+  m.impl("select", TORCH_BOX(&select_cuda));
 }

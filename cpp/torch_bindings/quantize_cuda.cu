@@ -12,6 +12,7 @@
 
 #include "arch_dispatch.h"
 #include "entry_utils.h"
+#include "quantize_entry.h"
 #include "sale/quantize.cuh"
 
 namespace {
@@ -88,9 +89,9 @@ void set_outputs(sale::QuantizeParams& p, Tensor& q_codes, Tensor& q_scale, Tens
   p.k_mean = static_cast<float*>(k_mean.mutable_data_ptr());
 }
 
-// Scratch from the caching allocator (stream-ordered, capture-safe, freed when this returns), then
-// the kernels (both entries).
-void launch(const char* op, sale::QuantizeParams& p, const Tensor& q) {
+// Scratch from the caching allocator (stream-ordered, capture-safe, freed when this returns, q_mean
+// when its last holder lets go), then the kernels (every entry).
+Tensor launch(const char* op, sale::QuantizeParams& p, const Tensor& q) {
   const sale::QuantizeWorkspace ws = sale::quantize_workspace(p);
   Tensor partial = torch::stable::new_empty(q, {ws.partial_doubles}, ScalarType::Double);
   Tensor q_mean = torch::stable::new_empty(q, {ws.q_mean_floats}, ScalarType::Float);
@@ -98,37 +99,16 @@ void launch(const char* op, sale::QuantizeParams& p, const Tensor& q) {
   p.q_mean = static_cast<float*>(q_mean.mutable_data_ptr());
   const cudaError_t err = sale::launch_quantize(p, sale_entry::current_stream(q));
   STD_TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+  return q_mean;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> quantize_cuda(Tensor q, Tensor k, int64_t bk) {
   check_args(q, k, bk);
   // One kernel for every architecture; this refuses GPUs no path serves (before 8.0) by name.
   sale_entry::kernel_path(kOp, q.get_device_index());
-  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Nk = k.size(2);
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
-
-  using torch::stable::new_empty;
-  Tensor q_codes = new_empty(q, {B, Hq, Nq, D}, ScalarType::Char);
-  Tensor q_scale = new_empty(q, {B, Hq, Nq}, ScalarType::Float);
-  Tensor k_codes = new_empty(k, {B, Hkv, Nk, D}, ScalarType::Char);
-  Tensor k_scale = new_empty(k, {B, Hkv, Nk}, ScalarType::Float);
-  Tensor qk_bias = new_empty(q, {B, Hq, Nk}, ScalarType::Float);
-  Tensor k_mean = new_empty(k, {B, Hkv, D}, ScalarType::Float);
-
-  sale::QuantizeParams p;
-  p.q = q.const_data_ptr();
-  p.k = k.const_data_ptr();
-  p.dtype = q.scalar_type() == ScalarType::Half ? sale::QuantizeDtype::kHalf : sale::QuantizeDtype::kBFloat16;
-  p.B = B, p.Hq = Hq, p.Hkv = Hkv, p.Nq = Nq, p.Nk = Nk, p.D = D;
-  p.q_stride_b = q.stride(0), p.q_stride_h = q.stride(1), p.q_stride_n = q.stride(2);
-  p.k_stride_b = k.stride(0), p.k_stride_h = k.stride(1), p.k_stride_n = k.stride(2);
-  p.bk = static_cast<int>(bk);
-  set_outputs(p, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean);
-  if (B * (Hq + Hkv) == 0) return {q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean};
-
-  launch(kOp, p, q);
-  return {q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean};
+  const sale_entry::Quantized z = sale_entry::quantize_batched(kOp, q, k, bk, true);
+  return {z.q_codes, z.q_scale, z.k_codes, z.k_scale, z.qk_bias, z.k_mean};
 }
 
 // ---- variable-length (packed) batches (sale/varlen.cuh; checks in entry_utils.h)
@@ -173,6 +153,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> quantize_varlen_cuda(
 }
 
 }  // namespace
+
+sale_entry::Quantized sale_entry::quantize_batched(const char* op, const Tensor& q, const Tensor& k, int64_t bk,
+                                                   bool store_q_codes) {
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2);
+  using torch::stable::new_empty;
+  Quantized z{store_q_codes ? new_empty(q, {B, Hq, Nq, D}, ScalarType::Char) : new_empty(q, {0}, ScalarType::Char),
+              new_empty(q, {B, Hq, Nq}, ScalarType::Float),
+              new_empty(k, {B, Hkv, Nk, D}, ScalarType::Char),
+              new_empty(k, {B, Hkv, Nk}, ScalarType::Float),
+              new_empty(q, {B, Hq, Nk}, ScalarType::Float),
+              new_empty(k, {B, Hkv, D}, ScalarType::Float),
+              new_empty(q, {0}, ScalarType::Float)};
+
+  sale::QuantizeParams p;
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.dtype = q.scalar_type() == ScalarType::Half ? sale::QuantizeDtype::kHalf : sale::QuantizeDtype::kBFloat16;
+  p.B = B, p.Hq = Hq, p.Hkv = Hkv, p.Nq = Nq, p.Nk = Nk, p.D = D;
+  p.q_stride_b = q.stride(0), p.q_stride_h = q.stride(1), p.q_stride_n = q.stride(2);
+  p.k_stride_b = k.stride(0), p.k_stride_h = k.stride(1), p.k_stride_n = k.stride(2);
+  p.bk = static_cast<int>(bk);
+  set_outputs(p, z.q_codes, z.q_scale, z.k_codes, z.k_scale, z.qk_bias, z.k_mean);
+  if (!store_q_codes) p.q_codes = nullptr;
+  if (B * (Hq + Hkv) > 0) z.q_mean = launch(op, p, q);
+  return z;
+}
 
 STABLE_TORCH_LIBRARY_IMPL(sale, CUDA, m) {
   m.impl("quantize", TORCH_BOX(&quantize_cuda));

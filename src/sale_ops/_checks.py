@@ -217,6 +217,14 @@ def block_mask_args(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, t
     check_scale(op, scale)
 
 
+def select_args(q, k, tau, bq, bk, window, scale) -> None:
+    op = "sale.select"
+    check_qk(op, q, k)
+    check_tau(op, tau, q)
+    check_blocks(op, bq, bk, window)
+    check_scale(op, scale)
+
+
 def block_sparse_attention_args(q, k, v, block_mask, bq, bk, scale, causal) -> None:
     op = "sale.block_sparse_attention"
     check_qkv(op, q, k, v, causal)

@@ -47,6 +47,13 @@ def _block_mask_bits_fake(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_m
     return q.new_empty((B, Hq, _cdiv(Nq, bq), words_per_row(_cdiv(k.shape[2], bk))), dtype=torch.int32)
 
 
+@torch.library.register_fake("sale::select")
+def _select_fake(q, k, tau, bq, bk, window, scale):
+    _checks.select_args(q, k, tau, bq, bk, window, scale)
+    B, Hq, Nq, _ = q.shape
+    return q.new_empty((B, Hq, _cdiv(Nq, bq), words_per_row(_cdiv(k.shape[2], bk))), dtype=torch.int32)
+
+
 @torch.library.register_fake("sale::block_sparse_attention")
 def _block_sparse_attention_fake(q, k, v, block_mask, bq, bk, scale, causal):
     _checks.block_sparse_attention_args(q, k, v, block_mask, bq, bk, scale, causal)

@@ -2,17 +2,21 @@
 
 The selection's transient tensors (4-bit codes held in int8, scales, bias, row thresholds) cost
 about 0.44 × the bytes of q + k + v for Llama-3.1-8B shapes when made for every head at once; the
-query codes alone are 0.33 ×. Means and scales are per head, so the selection runs on groups of
-kv heads (with their query heads) one after the other and only the bit-packed mask (one bit per
-block) is kept for all heads. The group size depends on shapes
-only, so the op stays free of host synchronisation and data-dependent allocation.
+query codes alone are 0.33 ×. ``sale.select`` never stores the query codes where the Hopper wgmma
+scorer serves (it makes them from q as it goes), which leaves ~0.11 ×. Means and scales are per
+head, so whatever does not fit the memory share below runs on groups of kv heads (with their query
+heads) one after the other, and only the bit-packed mask (one bit per block) is kept for all
+heads. The group size depends on shapes and the kernel path only, so the op stays free of host
+synchronisation and data-dependent allocation.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _checks
+import os
+
+from . import _checks, _dispatch
 from . import reference as ref
 from .mask_bits import pack_block_mask, words_per_row
 
@@ -21,23 +25,34 @@ from .mask_bits import pack_block_mask, words_per_row
 SELECTION_MEMORY_SHARE = 0.245
 
 
-def selection_bytes(batch: int, kv_heads: int, group: int, nq: int, nk: int, head_dim: int) -> int:
+def selection_bytes(batch: int, kv_heads: int, group: int, nq: int, nk: int, head_dim: int,
+                    q_codes: bool = True) -> int:
     """Bytes of sale.quantize's outputs plus block_mask's scratch (row thresholds; the key codes
     packed two per byte, which only the sm8x path allocates) for ``kv_heads`` kv heads with
-    ``group`` query heads each."""
-    q_side = group * nq * (head_dim + 4 + 4)  # q codes, q scales, row thresholds
+    ``group`` query heads each; without the query codes when ``q_codes`` is false (sale.select on
+    the wgmma scorer)."""
+    q_side = group * nq * ((head_dim if q_codes else 0) + 4 + 4)  # q codes, q scales, row thresholds
     k_side = nk * (head_dim + head_dim // 2 + 4) + group * nk * 4 + head_dim * 4  # k codes (+ packed), k scales, bias, k mean
     return batch * kv_heads * (q_side + k_side)
+
+
+def select_stores_q_codes(q: torch.Tensor) -> bool:
+    """Whether sale.select on q's device stores the query codes: everywhere but on the Hopper path
+    with its wgmma scorer (the decision block_mask_cuda.cu's select_cuda makes)."""
+    if not q.is_cuda:
+        return True
+    return _dispatch.kernel_path(q.device, "sale.select") != _dispatch.SM90 or os.environ.get("SALE_OPS_ESTIMATOR") == "mma"
 
 
 def selection_steps(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bq: int, bk: int) -> tuple[int, int]:
     """``(kv heads, query heads per kv head)`` selected per step: as many as fit in
     SELECTION_MEMORY_SHARE of q + k + v next to the whole bit-packed mask (whole kv groups first,
-    then parts of one group). Depends on shapes only."""
+    then parts of one group). Depends on shapes and the kernel path only."""
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
     bits = B * Hq * -(-Nq // bq) * words_per_row(-(-Nk // bk)) * 4
-    return _largest_step(lambda h, s: selection_bytes(B, h, s, Nq, Nk, D), (q, k, v), bits)
+    q_codes = select_stores_q_codes(q)
+    return _largest_step(lambda h, s: selection_bytes(B, h, s, Nq, Nk, D, q_codes), (q, k, v), bits)
 
 
 def _largest_step(cost, qkv, bits: int) -> tuple[int, int]:
@@ -64,10 +79,7 @@ def select_blocks(q, k, v, tau, bq: int, bk: int, window: int, scale: float) -> 
     for hk in range(0, Hkv, kv_step):
         for h in range(hk * g, (hk + kv_step) * g, heads):
             hs = slice(h, h + heads)
-            qh, kh = q[:, hs], k[:, hk : hk + kv_step]
-            qz = torch.ops.sale.quantize(qh, kh, bk)
-            parts.append(torch.ops.sale.block_mask_bits(qh, kh, *qz, tau[hs], bq, bk, window, scale))
-            del qz  # freed before the next heads are quantized
+            parts.append(torch.ops.sale.select(q[:, hs], k[:, hk : hk + kv_step], tau[hs], bq, bk, window, scale))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 

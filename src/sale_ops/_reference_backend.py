@@ -57,6 +57,16 @@ def _block_mask_bits(q, k, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, 
     )
 
 
+@torch.library.register_kernel("sale::select", "cpu")
+def _select(q, k, tau, bq, bk, window, scale):
+    """sale.select: sale.quantize then sale.block_mask_bits, through the reference."""
+    _checks.select_args(q, k, tau, bq, bk, window, scale)
+    if tau.device.type == "cpu":
+        _checks.check_tau_values("sale.select", tau)
+    qz = ref.quantize(q, k, bk)
+    return pack_block_mask(ref.block_mask(q, k, qz, tau, bq, bk, window, scale)).contiguous()
+
+
 @torch.library.register_kernel("sale::block_sparse_attention", _devices("block_sparse_attention"))
 def _block_sparse_attention(q, k, v, block_mask, bq, bk, scale, causal):
     """sale.block_sparse_attention through the PyTorch reference (SPEC §5)."""

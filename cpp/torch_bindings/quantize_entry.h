@@ -1,0 +1,21 @@
+// sale.quantize's allocation and launch, shared by the entries that quantize: quantize_cuda.cu
+// defines it (that file is compiled for every architecture, so its kernels serve any GPU) and
+// block_mask_cuda.cu's sale.select calls it (its own instantiation would be sm_90a only).
+#pragma once
+
+#include <torch/csrc/stable/tensor.h>
+
+#include <cstdint>
+
+namespace sale_entry {
+
+// SPEC §2 for batched q [B, Hq, Nq, D], k [B, Hkv, Nk, D] (validated by the caller), as
+// sale.quantize returns it. Without store_q_codes, q_codes is an empty tensor and no query code
+// is written (the query scales are); q_mean [B, Hq, D] is the query means the codes come from.
+struct Quantized {
+  torch::stable::Tensor q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, q_mean;
+};
+Quantized quantize_batched(const char* op, const torch::stable::Tensor& q, const torch::stable::Tensor& k, int64_t bk,
+                           bool store_q_codes);
+
+}  // namespace sale_entry

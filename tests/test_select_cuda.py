@@ -1,0 +1,157 @@
+"""sale.select on the GPU: sale.quantize + sale.block_mask_bits in one op. On the Hopper wgmma
+scorer it never stores the query codes (each scorer CTA makes its rows' codes from q); the mask
+must be bit-identical to the two-op path, which test_block_mask_cuda.py holds to the reference."""
+
+import pytest
+import torch
+
+import sale_ops
+from sale_ops import _pipeline
+from sale_ops.testing import make_qkv
+
+pytestmark = pytest.mark.gpu
+
+CASES = [
+    # (batch, hq, hkv, nq, nk, d, bk, window): odd sizes, GQA groups 1/3/4/7, Nq < Nk, batch > 1
+    (1, 4, 4, 1, 1, 64, 32, 128),
+    (1, 3, 1, 63, 63, 128, 32, 128),
+    (2, 8, 2, 1025, 1025, 64, 32, 128),
+    (1, 7, 1, 1025, 1025, 128, 64, 128),
+    (1, 12, 4, 4097, 4097, 128, 32, 128),
+    (1, 9, 3, 4097, 4097, 64, 64, 256),
+    (1, 4, 2, 777, 3001, 128, 32, 192),
+    (2, 6, 2, 2048, 2048, 64, 32, 64),
+]
+
+
+def two_op_bits(q, k, tau, bk=32, window=128, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qz = torch.ops.sale.quantize(q, k, bk)
+    return torch.ops.sale.block_mask_bits(q, k, *qz, tau, 64, bk, window, scale)
+
+
+def select_bits(q, k, tau, bk=32, window=128, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.ops.sale.select(q, k, tau, 64, bk, window, scale)
+
+
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,bk,window", CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_select_equals_quantize_then_block_mask(b, hq, hkv, nq, nk, d, bk, window, dtype):
+    q, k, _ = make_qkv(b, hq, hkv, nq, d, kv_len=nk, dtype=dtype, device="cuda", seed=nq + hq + d)
+    tau = torch.tensor(([0.0, 1e30, 1e-3, 1.0, 1e-2, 0.1, 1e-4, 3e-2] * 2)[:hq], device="cuda")
+    got, want = select_bits(q, k, tau, bk, window), two_op_bits(q, k, tau, bk, window)
+    assert got.shape == want.shape and got.dtype == torch.int32
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["equal_keys", "huge_query", "zero_rows", "large_fp16", "tiny_bf16", "mean_heavy"])
+def test_select_adversarial(kind):
+    """Inputs where the query codes are delicate: ties of x / scale, zero groups (scale 1), huge and
+    subnormal scales, a query mean far larger than the centred values."""
+    dtype = torch.bfloat16 if kind in ("tiny_bf16", "mean_heavy") else torch.float16
+    q, k, _ = make_qkv(1, 8, 2, 1500, 128, dtype=torch.float32, device="cuda", seed=13)
+    if kind == "equal_keys":
+        k = k[:, :, :1].expand_as(k).contiguous()
+        q = torch.round(q * 4) / 4  # many values on exact multiples: ties of x / scale
+    elif kind == "huge_query":
+        q[:, :, 700] *= 300
+    elif kind == "zero_rows":
+        q[:, :, 100:400] = 0
+        k[:, :, 64:640] = 0
+    elif kind == "large_fp16":
+        q, k = q * 60, k * 60
+    elif kind == "tiny_bf16":
+        q, k = q * 1e-19, k * 1e-19
+    elif kind == "mean_heavy":
+        q = q + 40.0 * torch.randn(1, 8, 1, 128, device="cuda")
+    tau = torch.tensor([0.0, 1e-3, 1e-2, 0.2] * 2, device="cuda")
+    q, k = q.to(dtype), k.to(dtype)
+    assert torch.equal(select_bits(q, k, tau), two_op_bits(q, k, tau))
+
+
+def test_select_strided_views_and_head_slices():
+    """The pipeline passes head slices of q and k (strided views for batch > 1)."""
+    q, k, _ = make_qkv(3, 16, 4, 999, 128, device="cuda", seed=3)
+    tau = torch.logspace(-5, -1, 16, device="cuda")
+    qs, ks, ts = q[:, 4:12], k[:, 1:3], tau[4:12]
+    assert not qs.is_contiguous()
+    assert torch.equal(select_bits(qs, ks, ts), two_op_bits(qs.contiguous(), ks.contiguous(), ts))
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, N, H, D] storage: the transformers layout
+    assert torch.equal(select_bits(qt, k, tau), two_op_bits(q, k, tau))
+
+
+def test_select_with_stored_codes(monkeypatch):
+    """SALE_OPS_ESTIMATOR=mma (the mma.sync scorer) makes sale.select store the query codes: same mask."""
+    q, k, _ = make_qkv(2, 8, 2, 2100, 64, device="cuda", seed=8)
+    tau = torch.logspace(-5, 0, 8, device="cuda")
+    fused = select_bits(q, k, tau)
+    monkeypatch.setenv("SALE_OPS_ESTIMATOR", "mma")
+    assert _pipeline.select_stores_q_codes(q)
+    assert torch.equal(select_bits(q, k, tau), fused)
+
+
+def test_select_under_cuda_graph_and_side_stream():
+    q, k, _ = make_qkv(1, 8, 2, 2500, 128, device="cuda", seed=4)
+    tau = torch.full((8,), 1e-3, device="cuda")
+    want = two_op_bits(q, k, tau)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        side = select_bits(q, k, tau)
+    torch.cuda.current_stream().wait_stream(s)
+    assert torch.equal(side, want)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = select_bits(q, k, tau)
+    g.replay()
+    assert torch.equal(got, want)
+
+
+def test_select_memory_is_below_the_two_op_path():
+    """Without stored query codes the selection holds the key side and per-row buffers only."""
+    q, k, v = make_qkv(1, 32, 8, 8192, 128, device="cuda", seed=1)
+    tau = torch.full((32,), 1e-3, device="cuda")
+    qkv = sum(t.numel() * t.element_size() for t in (q, k, v))
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / qkv, out
+
+    fused, a = peak(lambda: select_bits(q, k, tau))
+    two_op, b = peak(lambda: two_op_bits(q, k, tau))
+    assert torch.equal(a, b)
+    assert not _pipeline.select_stores_q_codes(q)
+    assert fused < 0.15 and two_op - fused > 0.3, (fused, two_op)
+    assert _pipeline.selection_steps(q, k, v, 64, 32) == (8, 4)  # every head in one step
+
+
+def test_select_argument_errors():
+    q, k, _ = make_qkv(1, 2, 1, 100, 64, device="cuda")
+    tau = torch.zeros(2, device="cuda")
+    base = torch.empty(1, 2, 100, 68, dtype=q.dtype, device="cuda")[..., :64]
+    base.copy_(q)  # row stride 68: rows are not 16-byte aligned
+    with pytest.raises(RuntimeError, match="sale.select.*16-byte boundary"):
+        torch.ops.sale.select(base, k, tau, 64, 32, 128, 0.125)
+    with pytest.raises(RuntimeError, match="sale.select: argument 'bk' is 16; supported: 32, 64"):
+        torch.ops.sale.select(q, k, tau, 64, 16, 128, 0.125)
+    with pytest.raises(RuntimeError, match="sale.select: argument 'tau'"):
+        torch.ops.sale.select(q, k, torch.zeros(3, device="cuda"), 64, 32, 128, 0.125)
+
+
+def test_opcheck_cuda():
+    for dtype, n, nk, bk in [(torch.bfloat16, 130, 130, 32), (torch.float16, 63, 200, 64)]:
+        q, k, _ = make_qkv(2, 4, 2, n, 64, kv_len=nk, dtype=dtype, device="cuda")
+        tau = torch.linspace(0, 0.05, 4, device="cuda")
+        torch.library.opcheck(torch.ops.sale.select.default, (q, k, tau, 64, bk, 128, 0.125))
+
+
+def test_attention_uses_one_step_and_matches_two_op_selection():
+    q, k, v = make_qkv(1, 8, 2, 4500, 128, device="cuda", seed=6)
+    tau = torch.logspace(-4, -1, 8, device="cuda")
+    res = sale_ops.attention(q, k, v, tau, return_block_mask=True, dense_below=0)
+    assert torch.equal(sale_ops.pack_block_mask(res.block_mask), two_op_bits(q, k, tau))
