@@ -20,6 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sale_ops
+from sale_ops import _pipeline
 from common import cudnn_causal, time_ms
 from sale_ops.testing import make_qkv
 
@@ -65,7 +66,10 @@ def main():
     p.add_argument("--shapes", nargs="+", default=["32/8/128", "16/2/64"], help="Hq/Hkv/D")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--fused-selection", action="store_true",
+                   help="select through sale.select (sale_ops._pipeline.FUSED_SELECTION)")
     a = p.parse_args()
+    _pipeline.FUSED_SELECTION = a.fused_selection
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {sale_ops.backend_summary('cuda')}")
     print("bf16, B=1, bq 64, bk 32, W 128; inputs sale_ops.testing.make_qkv; SALE = sale_ops.attention\n")
     print("| Hq/Hkv/D | N | cuDNN ms | FLASH ms | SALE tau=0 ms | tau | density | SALE ms | cuDNN / SALE | FLASH / SALE | extra mem / qkv |")

@@ -8,10 +8,12 @@ share allows), Llama-3.1-8B shapes.
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
 
-import sale_ops  # noqa: F401
-from sale_ops._pipeline import _largest_step, select_blocks, selection_bytes, selection_steps
+import sale_ops  # noqa: F401  (registers the ops)
+from sale_ops import _pipeline
+from sale_ops._pipeline import _largest_step, select_blocks, selection_bytes
 from sale_ops.testing import make_qkv
 
 HQ, HKV, D = 32, 8, 128
@@ -21,7 +23,7 @@ def kernel_table(fn, calls=3):
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
@@ -44,7 +46,7 @@ def wall_ms(fn, repeats=5):
     return start.elapsed_time(end) / repeats
 
 
-for n in [int(x) for x in sys.argv[1:]] or [32768]:
+def profile(n):
     q, k, v = make_qkv(1, HQ, HKV, n, D, device="cuda")
     tau = torch.full((HQ,), 1e-3, device="cuda")
     scale = D**-0.5
@@ -56,8 +58,12 @@ for n in [int(x) for x in sys.argv[1:]] or [32768]:
     def fused():
         return torch.ops.sale.select(q, k, tau, 64, 32, 128, scale)
 
-    def stepped():
-        return select_blocks(q, k, v, tau, 64, 32, 128, scale)
+    def stepped():  # the pipeline's selection with sale.select (FUSED_SELECTION on)
+        _pipeline.FUSED_SELECTION = True
+        try:
+            return select_blocks(q, k, v, tau, 64, 32, 128, scale)
+        finally:
+            _pipeline.FUSED_SELECTION = False
 
     # The pipeline before sale.select: quantize + block_mask_bits with stored query codes, as many
     # heads per step as fit next to them.
@@ -77,15 +83,21 @@ for n in [int(x) for x in sys.argv[1:]] or [32768]:
 
     assert torch.equal(two_op_steps(), stepped()) and torch.equal(fused(), one_shot())
 
-    print(f"\nN={n}, Hq {HQ}, Hkv {HKV}, D {D}, bf16; steps (kv heads, q heads per kv head): "
-          f"{selection_steps(q, k, v, 64, 32)}")
+    _pipeline.FUSED_SELECTION = True
+    steps = _pipeline.selection_steps(q, k, v, 64, 32)
+    _pipeline.FUSED_SELECTION = False
+    print(f"\nN={n}, Hq {HQ}, Hkv {HKV}, D {D}, bf16; sale.select steps (kv heads, q heads per kv head): {steps}")
     for name, fn in (("quantize + block_mask_bits, all heads", one_shot), ("sale.select, all heads", fused),
-                     ("select_blocks (pipeline)", stepped),
+                     ("select_blocks with sale.select (pipeline, FUSED_SELECTION on)", stepped),
                      (f"quantize + block_mask_bits in steps of {old_kv} kv x {old_q} q heads (the pipeline before)",
                       two_op_steps)):
         print(f"\n{name}: {wall_ms(fn):.2f} ms per call (CUDA events)")
         print("| GPU ms per call | launches | kernel |\n|---|---|---|")
         for ms, count, key in kernel_table(fn):
             print(f"| {ms:.3f} | {count} | {key} |")
-    del q, k, v
-    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    for n in [int(x) for x in sys.argv[1:]] or [32768]:
+        profile(n)
+        torch.cuda.empty_cache()

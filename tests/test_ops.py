@@ -140,9 +140,11 @@ def test_block_sparse_attention_non_causal_and_strided_inputs():
     torch.testing.assert_close(sale_ops.block_sparse_attention(qt, k, v, mask, causal=False), out)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("share", [1.0, 0.2, 0.05, 0.0])
-def test_selection_in_head_steps_equals_all_heads_at_once(monkeypatch, share):
-    """sale.attention selects a few heads at a time to bound memory; the mask must not change."""
+def test_selection_in_head_steps_equals_all_heads_at_once(monkeypatch, share, fused):
+    """sale.attention selects a few heads at a time to bound memory, through quantize +
+    block_mask_bits or sale.select; the mask must not change."""
     from sale_ops import _pipeline
 
     q, k, v = make_qkv(2, 8, 2, 300, 64, seed=5)
@@ -150,6 +152,7 @@ def test_selection_in_head_steps_equals_all_heads_at_once(monkeypatch, share):
     qz = torch.ops.sale.quantize(q, k, 32)
     want = torch.ops.sale.block_mask_bits(q, k, *qz, tau, 64, 32, 128, 0.125)
     monkeypatch.setattr(_pipeline, "SELECTION_MEMORY_SHARE", share)
+    monkeypatch.setattr(_pipeline, "FUSED_SELECTION", fused)
     steps = _pipeline.selection_steps(q, k, v, 64, 32)
     got = _pipeline.select_blocks(q, k, v, tau, 64, 32, 128, 0.125)
     assert torch.equal(got, want), steps

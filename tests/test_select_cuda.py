@@ -108,7 +108,12 @@ def test_select_under_cuda_graph_and_side_stream():
     assert torch.equal(got, want)
 
 
-def test_select_memory_is_below_the_two_op_path():
+@pytest.fixture
+def fused_pipeline(monkeypatch):
+    monkeypatch.setattr(_pipeline, "FUSED_SELECTION", True)
+
+
+def test_select_memory_is_below_the_two_op_path(fused_pipeline):
     """Without stored query codes the selection holds the key side and per-row buffers only."""
     q, k, v = make_qkv(1, 32, 8, 8192, 128, device="cuda", seed=1)
     tau = torch.full((32,), 1e-3, device="cuda")
@@ -150,8 +155,43 @@ def test_opcheck_cuda():
         torch.library.opcheck(torch.ops.sale.select.default, (q, k, tau, 64, bk, 128, 0.125))
 
 
-def test_attention_uses_one_step_and_matches_two_op_selection():
+def test_attention_uses_one_step_and_matches_two_op_selection(fused_pipeline):
     q, k, v = make_qkv(1, 8, 2, 4500, 128, device="cuda", seed=6)
     tau = torch.logspace(-4, -1, 8, device="cuda")
+    assert _pipeline.selection_steps(q, k, v, 64, 32) == (2, 4)
     res = sale_ops.attention(q, k, v, tau, return_block_mask=True, dense_below=0)
     assert torch.equal(sale_ops.pack_block_mask(res.block_mask), two_op_bits(q, k, tau))
+
+
+@pytest.mark.parametrize("d,bk,hq,hkv,dtype", [(128, 32, 8, 2, torch.bfloat16), (64, 64, 7, 1, torch.float16),
+                                              (128, 32, 3, 3, torch.float16)])
+def test_select_varlen_equals_quantize_then_block_mask(d, bk, hq, hkv, dtype):
+    """Packed batches: per-sequence means, scales and causal alignment, including sequences shorter
+    than dense_below, one of 1 row and head slices as the pipeline passes them."""
+    from test_varlen import make_batch
+
+    _, (q, k, v, cu_q, cu_k) = make_batch([300, 1500, 1, 777], hq=hq, hkv=hkv, d=d, device="cuda", seed=d + bk)
+    q, k = q.to(dtype), k.to(dtype)
+    cu_q, cu_k = cu_q.cuda(), cu_k.cuda()
+    tau = torch.logspace(-5, -1, hq, device="cuda")
+    for dense_below in (0, 500):
+        qz = torch.ops.sale.quantize_varlen(q, k, cu_q, cu_k, 1500, 1500, bk)
+        want = torch.ops.sale.block_mask_bits_varlen(q, k, cu_q, cu_k, 1500, 1500, *qz, tau, 64, bk, 128, d**-0.5,
+                                                     dense_below)
+        got = torch.ops.sale.select_varlen(q, k, cu_q, cu_k, 1500, 1500, tau, 64, bk, 128, d**-0.5, dense_below)
+        assert torch.equal(got, want)
+    qh, kh = q[:, hq - hq // hkv :], k[:, hkv - 1 :]  # the last kv head and its query heads: strided views
+    qz = torch.ops.sale.quantize_varlen(qh, kh, cu_q, cu_k, 1500, 1500, bk)
+    want = torch.ops.sale.block_mask_bits_varlen(qh, kh, cu_q, cu_k, 1500, 1500, *qz, tau[hq - hq // hkv :], 64, bk,
+                                                 128, d**-0.5, 0)
+    got = torch.ops.sale.select_varlen(qh, kh, cu_q, cu_k, 1500, 1500, tau[hq - hq // hkv :], 64, bk, 128, d**-0.5, 0)
+    assert torch.equal(got, want)
+
+
+def test_select_varlen_opcheck_cuda():
+    from test_varlen import make_batch
+
+    _, (q, k, v, cu_q, cu_k) = make_batch([130, 63, 200], hq=4, hkv=2, d=64, device="cuda", seed=2)
+    tau = torch.linspace(0, 0.05, 4, device="cuda")
+    torch.library.opcheck(torch.ops.sale.select_varlen.default,
+                          (q, k, cu_q.cuda(), cu_k.cuda(), 200, 200, tau, 64, 32, 128, 0.125, 0))

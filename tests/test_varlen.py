@@ -120,14 +120,16 @@ def test_empty_sequence_and_dense_below_per_sequence():
     assert torch.equal(res.block_mask, causal.unsqueeze(1).expand(-1, 4, -1, -1))
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("share", [1.0, 0.0])
-def test_varlen_selection_in_head_steps(monkeypatch, share):
+def test_varlen_selection_in_head_steps(monkeypatch, share, fused):
     from sale_ops import _pipeline
 
     seqs, (q, k, v, cu_q, cu_k) = make_batch([300, 70], hq=8, hkv=2, seed=5)
     tau = torch.logspace(-4, -1, 8)
     want = ref.block_mask_varlen(q, k, cu_q, cu_k, 300, 300, ref.quantize_varlen(q, k, cu_q, cu_k), tau, scale=0.125)
     monkeypatch.setattr(_pipeline, "SELECTION_MEMORY_SHARE", share)
+    monkeypatch.setattr(_pipeline, "FUSED_SELECTION", fused)
     steps = _pipeline.selection_steps_varlen(q, k, v, 2, 300, 300, 64, 32)
     got = _pipeline.select_blocks_varlen(q, k, v, cu_q, cu_k, 300, 300, tau, 64, 32, 128, 0.125, 0)
     assert torch.equal(sale_ops.unpack_block_mask(got, want.shape[-1]), want), steps
@@ -160,6 +162,7 @@ def varlen_op_samples(device="cpu"):
         out.append(("quantize_varlen", (q, k, cu_q, cu_k, mq + 5, mk + 70, 64)))
         out.append(("block_mask_bits_varlen", (q, k, cu_q, cu_k, mq, mk, *qz, tau, 64, 32, 128, 0.125, 0)))
         out.append(("block_mask_bits_varlen", (q, k, cu_q, cu_k, mq, mk, *qz, tau, 64, 32, 128, 0.125, 100)))
+        out.append(("select_varlen", (q, k, cu_q, cu_k, mq, mk, tau, 64, 32, 128, 0.125, 0)))
         out.append(("block_sparse_attention_varlen", (q, k, v, cu_q, cu_k, mq, mk, bits, 64, 32, 0.125, True)))
         out.append(("block_sparse_attention_varlen", (q, k, v, cu_q, cu_k, mq, mk, dense, 64, 32, 0.125, True)))
         out.append(("attention_varlen", (q, k, v, cu_q, cu_k, mq, mk, tau, 64, 32, 128, 0.125, True, 0)))
@@ -167,7 +170,7 @@ def varlen_op_samples(device="cpu"):
     return out
 
 
-@pytest.mark.parametrize("index", range(16))
+@pytest.mark.parametrize("index", range(18))
 def test_varlen_opcheck(index):
     name, args = varlen_op_samples()[index]
     torch.library.opcheck(getattr(torch.ops.sale, name).default, args)

@@ -221,20 +221,51 @@ void check_quantized(const char* op, const Tensor& t, const char* name, ScalarTy
   STD_TORCH_CHECK(ok, op, ": argument '", name, "' does not have the shape sale.quantize_varlen gives for 'q' and 'k'");
 }
 
+// Packed batches have Hopper kernels only so far; the sm8x path refuses them by name. Then the
+// checks shared by sale.block_mask_bits_varlen and sale.select_varlen.
+vl::Batch check_varlen_selection_args(const char* op, const Tensor& q, const Tensor& k, const Tensor& cu_q,
+                                      const Tensor& cu_k, int64_t max_q, int64_t max_k, const Tensor& tau, int64_t bq,
+                                      int64_t bk, int64_t window, double scale) {
+  STD_TORCH_CHECK(sale_entry::kernel_path(op, q.get_device_index()) == sale_entry::KernelPath::kSm90, op,
+                  ": variable-length batches run on the Hopper kernels only (compute capability 9.0); the sm8x "
+                  "path (this GPU, or SALE_OPS_FORCE_SM8X=1) has no varlen kernels yet");
+  const vl::Batch vb = vl::check_batch(op, q, k, cu_q, cu_k, max_q, max_k);
+  vl::check_blocks(op, bq, bk);
+  STD_TORCH_CHECK(window % bk == 0 && window >= bq, op, ": argument 'window' is ", window,
+                  "; it must be a multiple of bk and at least bq");
+  STD_TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": argument 'scale' must be finite and > 0");
+  vl::check_cuda(op, tau, "tau", q);
+  STD_TORCH_CHECK(tau.scalar_type() == ScalarType::Float && tau.dim() == 1 && tau.size(0) == q.size(1) &&
+                      tau.is_contiguous(),
+                  op, ": argument 'tau' must be a contiguous float32 [Hq] tensor");
+  return vb;
+}
+
+// The shapes and raw inputs of a packed selection.
+void set_packed_shape(sale::BlockMaskParams& p, const Tensor& q, const Tensor& k, const vl::Batch& vb, int64_t bk,
+                      int64_t window, double scale, int64_t dense_below) {
+  const int64_t nK = (vb.max_k + bk - 1) / bk;
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.q_batch_stride = 0, p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(0);
+  p.k_batch_stride = 0, p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(0);
+  p.batch = int(vb.batch), p.q_heads = int(q.size(1)), p.kv_heads = int(k.size(1));
+  p.nq = int(vb.max_q), p.nk = int(vb.max_k);
+  p.bk = int(bk), p.window = int(window), p.nQ = int((vb.max_q + sale::kBq - 1) / sale::kBq), p.nK = int(nK);
+  p.nW = int((nK + 31) / 32);
+  p.scale = float(scale);
+  p.cu_seqlens_q = vb.cu_q, p.cu_seqlens_k = vb.cu_k;
+  p.total_q = vb.total_q, p.total_k = vb.total_k;
+  p.dense_below = int(std::min<int64_t>(std::max<int64_t>(dense_below, 0), vl::kMaxRows + 1));
+  p.q_bf16 = q.scalar_type() == ScalarType::BFloat16;
+}
+
 Tensor block_mask_bits_varlen_cuda(Tensor q, Tensor k, Tensor cu_q, Tensor cu_k, int64_t max_q, int64_t max_k,
                                    Tensor q_codes, Tensor q_scale, Tensor k_codes, Tensor k_scale, Tensor qk_bias,
                                    Tensor k_mean, Tensor tau, int64_t bq, int64_t bk, int64_t window, double scale,
                                    int64_t dense_below) {
   constexpr const char* kOp = "sale.block_mask_bits_varlen";
-  // Packed batches have Hopper kernels only so far; the sm8x path refuses them by name.
-  STD_TORCH_CHECK(sale_entry::kernel_path(kOp, q.get_device_index()) == sale_entry::KernelPath::kSm90, kOp,
-                  ": variable-length batches run on the Hopper kernels only (compute capability 9.0); the sm8x "
-                  "path (this GPU, or SALE_OPS_FORCE_SM8X=1) has no varlen kernels yet");
-  const vl::Batch vb = vl::check_batch(kOp, q, k, cu_q, cu_k, max_q, max_k);
-  vl::check_blocks(kOp, bq, bk);
-  STD_TORCH_CHECK(window % bk == 0 && window >= bq, kOp, ": argument 'window' is ", window,
-                  "; it must be a multiple of bk and at least bq");
-  STD_TORCH_CHECK(std::isfinite(scale) && scale > 0, kOp, ": argument 'scale' must be finite and > 0");
+  const vl::Batch vb = check_varlen_selection_args(kOp, q, k, cu_q, cu_k, max_q, max_k, tau, bq, bk, window, scale);
   const int64_t Hq = q.size(1), D = q.size(2), Hkv = k.size(1), Tq = vb.total_q, Tk = vb.total_k;
   check_quantized(kOp, q_codes, "q_codes", ScalarType::Char, Hq, Tq, D, q);
   check_quantized(kOp, q_scale, "q_scale", ScalarType::Float, Hq, Tq, -1, q);
@@ -244,30 +275,42 @@ Tensor block_mask_bits_varlen_cuda(Tensor q, Tensor k, Tensor cu_q, Tensor cu_k,
   check_quantized(kOp, k_mean, "k_mean", ScalarType::Float, vb.batch, Hkv, D, q);
   check_codes_aligned(kOp, q_codes, "q_codes");
   check_codes_aligned(kOp, k_codes, "k_codes");
-  vl::check_cuda(kOp, tau, "tau", q);
-  STD_TORCH_CHECK(tau.scalar_type() == ScalarType::Float && tau.dim() == 1 && tau.size(0) == Hq && tau.is_contiguous(),
-                  kOp, ": argument 'tau' must be a contiguous float32 [Hq] tensor");
 
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   const cudaStream_t stream = sale_entry::current_stream(q);
-  const int64_t nQ = (max_q + bq - 1) / bq, nK = (max_k + bk - 1) / bk, nW = (nK + 31) / 32;
-  Tensor threshold = torch::stable::new_empty(q, {Hq, Tq}, ScalarType::Float);
-  Tensor bits = torch::stable::new_empty(q, {vb.batch, Hq, nQ, nW}, ScalarType::Int);
-
   sale::BlockMaskParams p{};
-  p.q = q.const_data_ptr();
-  p.k = k.const_data_ptr();
-  p.q_batch_stride = 0, p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(0);
-  p.k_batch_stride = 0, p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(0);
+  set_packed_shape(p, q, k, vb, bk, window, scale, dense_below);
+  Tensor threshold = torch::stable::new_empty(q, {Hq, Tq}, ScalarType::Float);
+  Tensor bits = torch::stable::new_empty(q, {vb.batch, Hq, int64_t(p.nQ), int64_t(p.nW)}, ScalarType::Int);
   set_selection_tensors(p, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, threshold, bits);
-  p.batch = int(vb.batch), p.q_heads = int(Hq), p.kv_heads = int(Hkv), p.nq = int(max_q), p.nk = int(max_k);
-  p.bk = int(bk), p.window = int(window), p.nQ = int(nQ), p.nK = int(nK), p.nW = int(nW);
-  p.scale = float(scale);
-  p.cu_seqlens_q = vb.cu_q, p.cu_seqlens_k = vb.cu_k;
-  p.total_q = Tq, p.total_k = Tk;
-  p.dense_below = int(std::min<int64_t>(std::max<int64_t>(dense_below, 0), vl::kMaxRows + 1));
   p.use_wgmma = wgmma_estimator();
-  const cudaError_t err = sale::launch_block_mask(p, q.scalar_type() == ScalarType::BFloat16, int(D), stream);
+  const cudaError_t err = sale::launch_block_mask(p, p.q_bf16, int(D), stream);
+  STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
+  return bits;
+}
+
+// sale.select_varlen: sale.select for a packed batch (quantize_varlen + block_mask_bits_varlen).
+Tensor select_varlen_cuda(Tensor q, Tensor k, Tensor cu_q, Tensor cu_k, int64_t max_q, int64_t max_k, Tensor tau,
+                          int64_t bq, int64_t bk, int64_t window, double scale, int64_t dense_below) {
+  constexpr const char* kOp = "sale.select_varlen";
+  const vl::Batch vb = check_varlen_selection_args(kOp, q, k, cu_q, cu_k, max_q, max_k, tau, bq, bk, window, scale);
+  const int64_t Hq = q.size(1), D = q.size(2), Tq = vb.total_q;
+
+  torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  const cudaStream_t stream = sale_entry::current_stream(q);
+  sale::BlockMaskParams p{};
+  set_packed_shape(p, q, k, vb, bk, window, scale, dense_below);
+  p.use_wgmma = wgmma_estimator();
+  const bool store_q_codes = !p.use_wgmma || !sale::key_rows_fit_tma(p);
+  const sale_entry::Quantized z = sale_entry::quantize_packed(kOp, q, k, vb, bk, store_q_codes);
+  Tensor threshold = torch::stable::new_empty(q, {Hq, Tq}, ScalarType::Float);
+  Tensor bits = torch::stable::new_empty(q, {vb.batch, Hq, int64_t(p.nQ), int64_t(p.nW)}, ScalarType::Int);
+  set_selection_tensors(p, z.q_codes, z.q_scale, z.k_codes, z.k_scale, z.qk_bias, z.k_mean, tau, threshold, bits);
+  if (!store_q_codes) {
+    p.q_codes = nullptr;
+    p.q_mean = static_cast<const float*>(z.q_mean.const_data_ptr());
+  }
+  const cudaError_t err = sale::launch_block_mask(p, p.q_bf16, int(D), stream);
   STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   return bits;
 }
@@ -279,4 +322,5 @@ STABLE_TORCH_LIBRARY_IMPL(sale, CUDA, m) {
   m.impl("block_mask_bits", TORCH_BOX(&block_mask_bits_cuda));
   m.impl("block_mask_bits_varlen", TORCH_BOX(&block_mask_bits_varlen_cuda));
   m.impl("select", TORCH_BOX(&select_cuda));
+  m.impl("select_varlen", TORCH_BOX(&select_varlen_cuda));
 }

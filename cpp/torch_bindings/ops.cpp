@@ -18,6 +18,7 @@ STABLE_TORCH_LIBRARY(sale, m) {
   // [B + 1] on q's device, max_seqlen_* the longest sequence (sizes every output: no host sync).
   m.def("quantize_varlen(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, int bk) -> (Tensor q_codes, Tensor q_scale, Tensor k_codes, Tensor k_scale, Tensor qk_bias, Tensor k_mean)");
   m.def("block_mask_bits_varlen(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor q_codes, Tensor q_scale, Tensor k_codes, Tensor k_scale, Tensor qk_bias, Tensor k_mean, Tensor tau, int bq, int bk, int window, float scale, int dense_below) -> Tensor");
+  m.def("select_varlen(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor tau, int bq, int bk, int window, float scale, int dense_below) -> Tensor");
   m.def("block_sparse_attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor block_mask, int bq, int bk, float scale, bool causal) -> (Tensor out, Tensor lse)");
   m.def("attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor tau, int bq, int bk, int window, float scale, bool causal, int dense_below) -> (Tensor out, Tensor lse, Tensor block_mask_bits)");
 }

@@ -125,31 +125,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> quantize_varlen_cuda(
   constexpr const char* kOp = "sale.quantize_varlen";
   const vl::Batch vb = vl::check_batch(kOp, q, k, cu_q, cu_k, max_q, max_k);
   vl::check_blocks(kOp, 64, bk);
-  const int64_t Hq = q.size(1), D = q.size(2), Hkv = k.size(1), Tq = vb.total_q, Tk = vb.total_k;
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
-
-  using torch::stable::new_empty;
-  Tensor q_codes = new_empty(q, {Hq, Tq, D}, ScalarType::Char);
-  Tensor q_scale = new_empty(q, {Hq, Tq}, ScalarType::Float);
-  Tensor k_codes = new_empty(k, {Hkv, Tk, D}, ScalarType::Char);
-  Tensor k_scale = new_empty(k, {Hkv, Tk}, ScalarType::Float);
-  Tensor qk_bias = new_empty(q, {Hq, Tk}, ScalarType::Float);
-  Tensor k_mean = new_empty(k, {vb.batch, Hkv, D}, ScalarType::Float);
-
-  sale::QuantizeParams p;
-  p.q = q.const_data_ptr();
-  p.k = k.const_data_ptr();
-  p.dtype = q.scalar_type() == ScalarType::Half ? sale::QuantizeDtype::kHalf : sale::QuantizeDtype::kBFloat16;
-  p.B = vb.batch, p.Hq = Hq, p.Hkv = Hkv, p.Nq = vb.max_q, p.Nk = vb.max_k, p.D = D;
-  p.q_stride_b = 0, p.q_stride_h = q.stride(1), p.q_stride_n = q.stride(0);
-  p.k_stride_b = 0, p.k_stride_h = k.stride(1), p.k_stride_n = k.stride(0);
-  p.bk = static_cast<int>(bk);
-  set_outputs(p, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean);
-  p.cu_seqlens_q = vb.cu_q, p.cu_seqlens_k = vb.cu_k;
-  p.total_q = Tq, p.total_k = Tk;
-
-  launch(kOp, p, q);
-  return {q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean};
+  const sale_entry::Quantized z = sale_entry::quantize_packed(kOp, q, k, vb, bk, true);
+  return {z.q_codes, z.q_scale, z.k_codes, z.k_scale, z.qk_bias, z.k_mean};
 }
 
 }  // namespace
@@ -178,6 +156,34 @@ sale_entry::Quantized sale_entry::quantize_batched(const char* op, const Tensor&
   set_outputs(p, z.q_codes, z.q_scale, z.k_codes, z.k_scale, z.qk_bias, z.k_mean);
   if (!store_q_codes) p.q_codes = nullptr;
   if (B * (Hq + Hkv) > 0) z.q_mean = launch(op, p, q);
+  return z;
+}
+
+sale_entry::Quantized sale_entry::quantize_packed(const char* op, const Tensor& q, const Tensor& k,
+                                                  const varlen::Batch& vb, int64_t bk, bool store_q_codes) {
+  const int64_t Hq = q.size(1), D = q.size(2), Hkv = k.size(1), Tq = vb.total_q, Tk = vb.total_k;
+  using torch::stable::new_empty;
+  Quantized z{store_q_codes ? new_empty(q, {Hq, Tq, D}, ScalarType::Char) : new_empty(q, {0}, ScalarType::Char),
+              new_empty(q, {Hq, Tq}, ScalarType::Float),
+              new_empty(k, {Hkv, Tk, D}, ScalarType::Char),
+              new_empty(k, {Hkv, Tk}, ScalarType::Float),
+              new_empty(q, {Hq, Tk}, ScalarType::Float),
+              new_empty(k, {vb.batch, Hkv, D}, ScalarType::Float),
+              new_empty(q, {0}, ScalarType::Float)};
+
+  sale::QuantizeParams p;
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.dtype = q.scalar_type() == ScalarType::Half ? sale::QuantizeDtype::kHalf : sale::QuantizeDtype::kBFloat16;
+  p.B = vb.batch, p.Hq = Hq, p.Hkv = Hkv, p.Nq = vb.max_q, p.Nk = vb.max_k, p.D = D;
+  p.q_stride_b = 0, p.q_stride_h = q.stride(1), p.q_stride_n = q.stride(0);
+  p.k_stride_b = 0, p.k_stride_h = k.stride(1), p.k_stride_n = k.stride(0);
+  p.bk = static_cast<int>(bk);
+  set_outputs(p, z.q_codes, z.q_scale, z.k_codes, z.k_scale, z.qk_bias, z.k_mean);
+  if (!store_q_codes) p.q_codes = nullptr;
+  p.cu_seqlens_q = vb.cu_q, p.cu_seqlens_k = vb.cu_k;
+  p.total_q = Tq, p.total_k = Tk;
+  z.q_mean = launch(op, p, q);
   return z;
 }
 

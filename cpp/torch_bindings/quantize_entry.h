@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "entry_utils.h"
+
 namespace sale_entry {
 
 // SPEC §2 for batched q [B, Hq, Nq, D], k [B, Hkv, Nk, D] (validated by the caller), as
@@ -17,5 +19,9 @@ struct Quantized {
 };
 Quantized quantize_batched(const char* op, const torch::stable::Tensor& q, const torch::stable::Tensor& k, int64_t bk,
                            bool store_q_codes);
+// The same for a packed batch (q [total_q, Hq, D], k [total_k, Hkv, D], checked into vb), as
+// sale.quantize_varlen returns it; q_mean is [B, Hq, D].
+Quantized quantize_packed(const char* op, const torch::stable::Tensor& q, const torch::stable::Tensor& k,
+                          const varlen::Batch& vb, int64_t bk, bool store_q_codes);
 
 }  // namespace sale_entry

@@ -360,6 +360,17 @@ def block_mask_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     return batch
 
 
+def select_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tau, bq, bk, window, scale,
+                       dense_below) -> int:
+    op = "sale.select_varlen"
+    check_packed_qk(op, q, k)
+    batch = check_cu_seqlens(op, q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_tau(op, tau, q)
+    check_blocks(op, bq, bk, window)
+    check_scale(op, scale)
+    return batch
+
+
 def block_sparse_attention_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_mask, bq,
                                        bk, scale, causal) -> int:
     op = "sale.block_sparse_attention_varlen"

@@ -100,6 +100,15 @@ def _block_mask_bits_varlen_fake(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     return q.new_empty(shape, dtype=torch.int32)
 
 
+@torch.library.register_fake("sale::select_varlen")
+def _select_varlen_fake(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tau, bq, bk, window, scale,
+                        dense_below):
+    batch = _checks.select_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tau, bq, bk,
+                                       window, scale, dense_below)
+    shape = _checks.varlen_mask_shape(batch, q.shape[1], max_seqlen_q, max_seqlen_k, bq, bk, packed=True)
+    return q.new_empty(shape, dtype=torch.int32)
+
+
 @torch.library.register_fake("sale::block_sparse_attention_varlen")
 def _block_sparse_attention_varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_mask,
                                         bq, bk, scale, causal):

@@ -108,6 +108,21 @@ def _block_mask_bits_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     return pack_block_mask(mask).contiguous()
 
 
+@torch.library.register_kernel("sale::select_varlen", "cpu")
+def _select_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tau, bq, bk, window, scale,
+                   dense_below):
+    """sale.select_varlen: sale.quantize_varlen then sale.block_mask_bits_varlen, through the reference."""
+    op = "sale.select_varlen"
+    _checks.select_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tau, bq, bk, window,
+                               scale, dense_below)
+    _check_varlen_values(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _checks.check_tau_values(op, tau)
+    qz = ref.quantize_varlen(q, k, cu_seqlens_q, cu_seqlens_k, bk)
+    mask = ref.block_mask_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, qz, tau, bq, bk,
+                                 window, scale, dense_below)
+    return pack_block_mask(mask).contiguous()
+
+
 @torch.library.register_kernel("sale::block_sparse_attention_varlen", "cpu")
 def _block_sparse_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_mask, bq,
                                    bk, scale, causal):
