@@ -8,20 +8,9 @@ import torch
 import sale_ops
 from sale_ops import _pipeline
 from sale_ops.testing import make_qkv
+from test_block_mask_cuda import CASES  # odd sizes, GQA groups 1/3/4/7, Nq < Nk, batch > 1
 
 pytestmark = pytest.mark.gpu
-
-CASES = [
-    # (batch, hq, hkv, nq, nk, d, bk, window): odd sizes, GQA groups 1/3/4/7, Nq < Nk, batch > 1
-    (1, 4, 4, 1, 1, 64, 32, 128),
-    (1, 3, 1, 63, 63, 128, 32, 128),
-    (2, 8, 2, 1025, 1025, 64, 32, 128),
-    (1, 7, 1, 1025, 1025, 128, 64, 128),
-    (1, 12, 4, 4097, 4097, 128, 32, 128),
-    (1, 9, 3, 4097, 4097, 64, 64, 256),
-    (1, 4, 2, 777, 3001, 128, 32, 192),
-    (2, 6, 2, 2048, 2048, 64, 32, 64),
-]
 
 
 def two_op_bits(q, k, tau, bk=32, window=128, scale=None):

@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
       cp_async_16(raw_pointer_cast(&sQ(row, col)), p.q_codes + q_row * D + col, in ? 16 : 0);
     } else {
       const uint4 codes = in ? ws::quantize_query_piece<D>(p, cta.s, b, h0 + hh, qrow, q_row, col) : uint4{};
-      *reinterpret_cast<uint4*>(raw_pointer_cast(&sQ(row, col))) = codes;
+      st_shared_16(raw_pointer_cast(&sQ(row, col)), codes);
     }
   }
   cp_async_commit();

@@ -216,9 +216,9 @@ __device__ __forceinline__ void quantize_tile(const QuantizeParams& p, int64_t b
     scale[j] = scale[j] == 0.f ? 1.f : __fdiv_rn(scale[j], 7.f);
   }
 
-  int8_t* codes = (IS_K ? p.k_codes : p.q_codes) + s.out0 * D + col * 8;
-  float* scales = (IS_K ? p.k_scale : p.q_scale) + s.out0;
   const bool write_codes = IS_K || p.q_codes != nullptr;
+  int8_t* codes = write_codes ? (IS_K ? p.k_codes : p.q_codes) + s.out0 * D + col * 8 : nullptr;
+  float* scales = (IS_K ? p.k_scale : p.q_scale) + s.out0;
 #pragma unroll
   for (int i = 0; i < CPL; ++i) {
     if (row[i] < 0) continue;

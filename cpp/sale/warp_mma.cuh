@@ -85,6 +85,14 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int sr
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 }
 
+// 16-byte store of registers to shared memory (st.shared: a generic store would go through the
+// generic address path).
+__device__ __forceinline__ void st_shared_16(void* smem, const uint4& v) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(s), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
 // 4-byte global -> shared copy (for data without 16-byte alignment); src_bytes 0 zero-fills.
 __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, int src_bytes) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
