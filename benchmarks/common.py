@@ -48,3 +48,15 @@ def random_block_mask(hq, n, bk, density, seed, *, bq=64, window=64, device="cud
     g = torch.Generator(device=device).manual_seed(seed)
     keep = torch.rand(1, hq, *causal.shape, device=device, generator=g) < p
     return (keep & causal) | forced
+
+
+def smollm2_attention_inputs(tokens: int):
+    """SmolLM2-135M-Instruct's attention inputs on one prompt of `tokens` tokens (synthetic haystack),
+    captured with exact attention on the CPU: ``{layer: (q, k, v, scale)}``, tensors [1, H, N, D] bf16."""
+    from sale_ops.calibrate import capture_layers
+    from sale_ops.eval import haystack_sentences
+    from sale_ops.models import load_smollm2
+
+    model, tok = load_smollm2(dtype=torch.bfloat16)
+    ids = tok(" ".join(haystack_sentences("synthetic")), return_tensors="pt").input_ids[:, :tokens]
+    return {layer: calls[0] for layer, calls in capture_layers(model, [ids]).items()}

@@ -22,6 +22,7 @@ import argparse
 
 import torch
 
+from common import smollm2_attention_inputs
 from sale_ops import reference as ref
 
 P_SHIFT = 2.0**15
@@ -69,21 +70,14 @@ def main():
     p.add_argument("--layers", type=int, nargs="+", help="default: every layer")
     a = p.parse_args()
 
-    from sale_ops.calibrate import capture_layers
-    from sale_ops.eval import haystack_sentences
-    from sale_ops.models import load_smollm2
-
-    model, tok = load_smollm2(dtype=torch.bfloat16)
-    text = " ".join(haystack_sentences("synthetic"))
-    ids = tok(text, return_tensors="pt").input_ids[:, : a.tokens]
-    captured = capture_layers(model, [ids])
-    print(f"SmolLM2-135M, {ids.shape[1]} tokens, bf16, every causal block; elements outside SPEC §7's bound\n")
+    captured = smollm2_attention_inputs(a.tokens)
+    print(f"SmolLM2-135M, {captured[0][0].shape[2]} tokens, bf16, every causal block; elements outside SPEC §7's bound\n")
     print("| layer | max abs V | outputs | split P (default) | P rounded once, fp16 (fast mode) | P rounded once, bf16 |")
     print("|---|---|---|---|---|---|")
     total = {"split": 0, "fp16": 0, "bf16": 0}
     count = 0
     for layer in a.layers or sorted(captured):
-        q, k, v, scale = captured[layer][0]
+        q, k, v, scale = captured[layer]
         res, n, vmax = violations(q, k, v, scale)
         count += n
         for m in total:

@@ -20,6 +20,7 @@ import argparse
 
 import torch
 
+from common import smollm2_attention_inputs
 from sale_ops import reference as ref
 from sale_ops.testing import make_qkv
 
@@ -93,16 +94,9 @@ def main():
         n, now, fb = warp_rates(q.float(), k.float(), tau, 64**-0.5)
         print(f"| synthetic (make_qkv) | - | {tau:g} | {n} | {now:.3f} | {fb:.3f} |", flush=True)
 
-    from sale_ops.calibrate import capture_layers
-    from sale_ops.eval import haystack_sentences
-    from sale_ops.models import load_smollm2
-
-    model, tok = load_smollm2(dtype=torch.bfloat16)
-    text = " ".join(haystack_sentences("synthetic"))
-    ids = tok(text, return_tensors="pt").input_ids[:, : a.tokens]
-    captured = capture_layers(model, [ids])
+    captured = smollm2_attention_inputs(a.tokens)
     for layer in a.layers:
-        q, k, _, scale = captured[layer][0]
+        q, k, _, scale = captured[layer]
         for tau in a.taus:
             n, now, fb = warp_rates(q.float(), k.float(), tau, scale)
             print(f"| SmolLM2-135M | {layer} | {tau:g} | {n} | {now:.3f} | {fb:.3f} |", flush=True)

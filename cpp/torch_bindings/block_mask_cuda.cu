@@ -107,9 +107,9 @@ void check_codes_aligned(const char* op, const Tensor& t, const char* name) {
                   "' must start on a 16-byte boundary; call .clone() first");
 }
 
-// The kernels of a batched selection whose inputs p holds: the sm8x path's, or the Hopper ones.
+// The kernels of a selection whose inputs p holds: the sm8x path's, or the Hopper ones.
 void launch_selection(const char* op, sale::BlockMaskParams& p, const Tensor& q, int64_t D, cudaStream_t stream) {
-  const bool bf16 = q.scalar_type() == ScalarType::BFloat16;
+  const bool bf16 = p.q_bf16;
   cudaError_t err;
   if (sale_entry::kernel_path(op, q.get_device_index()) == sale_entry::KernelPath::kSm8x) {
     Tensor k_packed = torch::stable::new_empty(
@@ -155,6 +155,25 @@ Tensor block_mask_bits_cuda(Tensor q, Tensor k, Tensor q_codes, Tensor q_scale, 
   return bits;
 }
 
+// Whether sale.select(_varlen) must store the query codes: only the wgmma scorer makes its own
+// (sale/block_mask_sm90.cuh); the sm8x path, SALE_OPS_ESTIMATOR=mma and key sides too large for TMA
+// read stored ones. (sale_ops._pipeline.select_stores_q_codes mirrors this for its memory plan.)
+bool select_stores_q_codes(const char* op, const sale::BlockMaskParams& p, const Tensor& q) {
+  return sale_entry::kernel_path(op, q.get_device_index()) == sale_entry::KernelPath::kSm8x || !p.use_wgmma ||
+         !sale::key_rows_fit_tma(p);
+}
+
+// sale.select(_varlen)'s quantized tensors, thresholds and output into p; without stored query
+// codes the scorer gets the query means instead.
+void set_selected_tensors(sale::BlockMaskParams& p, const sale_entry::Quantized& z, bool stored_q_codes,
+                          const Tensor& tau, Tensor& threshold, Tensor& bits) {
+  set_selection_tensors(p, z.q_codes, z.q_scale, z.k_codes, z.k_scale, z.qk_bias, z.k_mean, tau, threshold, bits);
+  if (!stored_q_codes) {
+    p.q_codes = nullptr;
+    p.q_mean = static_cast<const float*>(z.q_mean.const_data_ptr());
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // sale.select: sale.quantize + sale.block_mask_bits in one call. Where the wgmma scorer serves, the
 // query codes are never stored: each scorer CTA makes its rows' codes from q (bit-identical), so
@@ -165,22 +184,17 @@ Tensor select_cuda(Tensor q, Tensor k, Tensor tau, int64_t bq, int64_t bk, int64
   constexpr const char* kSelect = "sale.select";
   check_selection_args(kSelect, q, k, tau, bq, bk, window, scale);
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
-  const bool sm8x = sale_entry::kernel_path(kSelect, q.get_device_index()) == sale_entry::KernelPath::kSm8x;
 
   torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   const cudaStream_t stream = sale_entry::current_stream(q);
   sale::BlockMaskParams p{};
   set_batched_shape(p, q, k, bk, window, scale);
   p.use_wgmma = wgmma_estimator();
-  const bool store_q_codes = sm8x || !p.use_wgmma || !sale::key_rows_fit_tma(p);
+  const bool store_q_codes = select_stores_q_codes(kSelect, p, q);
   const sale_entry::Quantized z = sale_entry::quantize_batched(kSelect, q, k, bk, store_q_codes);
   Tensor threshold = torch::stable::new_empty(q, {B, Hq, Nq}, ScalarType::Float);
   Tensor bits = torch::stable::new_empty(q, {B, Hq, int64_t(p.nQ), int64_t(p.nW)}, ScalarType::Int);
-  set_selection_tensors(p, z.q_codes, z.q_scale, z.k_codes, z.k_scale, z.qk_bias, z.k_mean, tau, threshold, bits);
-  if (!store_q_codes) {
-    p.q_codes = nullptr;
-    p.q_mean = static_cast<const float*>(z.q_mean.const_data_ptr());
-  }
+  set_selected_tensors(p, z, store_q_codes, tau, threshold, bits);
   launch_selection(kSelect, p, q, D, stream);
   return bits;
 }
@@ -284,8 +298,7 @@ Tensor block_mask_bits_varlen_cuda(Tensor q, Tensor k, Tensor cu_q, Tensor cu_k,
   Tensor bits = torch::stable::new_empty(q, {vb.batch, Hq, int64_t(p.nQ), int64_t(p.nW)}, ScalarType::Int);
   set_selection_tensors(p, q_codes, q_scale, k_codes, k_scale, qk_bias, k_mean, tau, threshold, bits);
   p.use_wgmma = wgmma_estimator();
-  const cudaError_t err = sale::launch_block_mask(p, p.q_bf16, int(D), stream);
-  STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
+  launch_selection(kOp, p, q, D, stream);
   return bits;
 }
 
@@ -301,17 +314,12 @@ Tensor select_varlen_cuda(Tensor q, Tensor k, Tensor cu_q, Tensor cu_k, int64_t 
   sale::BlockMaskParams p{};
   set_packed_shape(p, q, k, vb, bk, window, scale, dense_below);
   p.use_wgmma = wgmma_estimator();
-  const bool store_q_codes = !p.use_wgmma || !sale::key_rows_fit_tma(p);
+  const bool store_q_codes = select_stores_q_codes(kOp, p, q);
   const sale_entry::Quantized z = sale_entry::quantize_packed(kOp, q, k, vb, bk, store_q_codes);
   Tensor threshold = torch::stable::new_empty(q, {Hq, Tq}, ScalarType::Float);
   Tensor bits = torch::stable::new_empty(q, {vb.batch, Hq, int64_t(p.nQ), int64_t(p.nW)}, ScalarType::Int);
-  set_selection_tensors(p, z.q_codes, z.q_scale, z.k_codes, z.k_scale, z.qk_bias, z.k_mean, tau, threshold, bits);
-  if (!store_q_codes) {
-    p.q_codes = nullptr;
-    p.q_mean = static_cast<const float*>(z.q_mean.const_data_ptr());
-  }
-  const cudaError_t err = sale::launch_block_mask(p, p.q_bf16, int(D), stream);
-  STD_TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
+  set_selected_tensors(p, z, store_q_codes, tau, threshold, bits);
+  launch_selection(kOp, p, q, D, stream);
   return bits;
 }
 
