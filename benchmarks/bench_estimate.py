@@ -99,10 +99,11 @@ def main():
     p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (overrides --quick)")
     p.add_argument("--shapes", nargs="+", default=["32/8/128", "16/2/64"], help="Hq/Hkv/D")
     p.add_argument("--no-mma", action="store_true", help="skip the mma.sync scorer's comparison run")
-    p.add_argument("--fused-selection", action="store_true",
-                   help="the pipeline's selection through sale.select (sale_ops._pipeline.FUSED_SELECTION)")
+    p.add_argument("--two-op-selection", action="store_true",
+                   help="select through sale.quantize + sale.block_mask_bits instead of sale.select "
+                        "(sale_ops._pipeline.FUSED_SELECTION off)")
     a = p.parse_args()
-    _pipeline.FUSED_SELECTION = a.fused_selection
+    _pipeline.FUSED_SELECTION = not a.two_op_selection
     lengths = a.lengths or ([8192, 32768] if a.quick else [8192, 16384, 32768, 65536, 131072])
     shapes = [tuple(int(x) for x in s.split("/")) for s in a.shapes]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {sale_ops.backend_summary('cuda')}")

@@ -66,10 +66,11 @@ def main():
     p.add_argument("--shapes", nargs="+", default=["32/8/128", "16/2/64"], help="Hq/Hkv/D")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="write the rows here")
-    p.add_argument("--fused-selection", action="store_true",
-                   help="select through sale.select (sale_ops._pipeline.FUSED_SELECTION)")
+    p.add_argument("--two-op-selection", action="store_true",
+                   help="select through sale.quantize + sale.block_mask_bits instead of sale.select "
+                        "(sale_ops._pipeline.FUSED_SELECTION off)")
     a = p.parse_args()
-    _pipeline.FUSED_SELECTION = a.fused_selection
+    _pipeline.FUSED_SELECTION = not a.two_op_selection
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {sale_ops.backend_summary('cuda')}")
     print("bf16, B=1, bq 64, bk 32, W 128; inputs sale_ops.testing.make_qkv; SALE = sale_ops.attention\n")
     print("| Hq/Hkv/D | N | cuDNN ms | FLASH ms | SALE tau=0 ms | tau | density | SALE ms | cuDNN / SALE | FLASH / SALE | extra mem / qkv |")

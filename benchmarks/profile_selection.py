@@ -58,12 +58,9 @@ def profile(n):
     def fused():
         return torch.ops.sale.select(q, k, tau, 64, 32, 128, scale)
 
-    def stepped():  # the pipeline's selection with sale.select (FUSED_SELECTION on)
-        _pipeline.FUSED_SELECTION = True
-        try:
-            return select_blocks(q, k, v, tau, 64, 32, 128, scale)
-        finally:
-            _pipeline.FUSED_SELECTION = False
+    def stepped():  # the pipeline's selection with sale.select (FUSED_SELECTION on, the default)
+        assert _pipeline.FUSED_SELECTION
+        return select_blocks(q, k, v, tau, 64, 32, 128, scale)
 
     # The pipeline before sale.select: quantize + block_mask_bits with stored query codes, as many
     # heads per step as fit next to them.
@@ -83,9 +80,7 @@ def profile(n):
 
     assert torch.equal(two_op_steps(), stepped()) and torch.equal(fused(), one_shot())
 
-    _pipeline.FUSED_SELECTION = True
     steps = _pipeline.selection_steps(q, k, v, 64, 32)
-    _pipeline.FUSED_SELECTION = False
     print(f"\nN={n}, Hq {HQ}, Hkv {HKV}, D {D}, bf16; sale.select steps (kv heads, q heads per kv head): {steps}")
     for name, fn in (("quantize + block_mask_bits, all heads", one_shot), ("sale.select, all heads", fused),
                      ("select_blocks with sale.select (pipeline, FUSED_SELECTION on)", stepped),

@@ -2,6 +2,8 @@
 scorer it never stores the query codes (each scorer CTA makes its rows' codes from q); the mask
 must be bit-identical to the two-op path, which test_block_mask_cuda.py holds to the reference."""
 
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,12 @@ from sale_ops.testing import make_qkv
 from test_block_mask_cuda import CASES  # odd sizes, GQA groups 1/3/4/7, Nq < Nk, batch > 1
 
 pytestmark = pytest.mark.gpu
+
+# The sm8x path (pytest --sm8x) stores the query codes and has no packed-batch kernels: the tests of
+# what only the Hopper scorer does skip there (test_select_stores_codes_on_sm8x and
+# test_sm8x_cuda.py::test_varlen_refused_on_sm8x cover that path).
+ON_SM8X = os.environ.get("SALE_OPS_FORCE_SM8X") == "1"
+hopper_only = pytest.mark.skipif(ON_SM8X, reason="the Hopper wgmma scorer's behaviour (sm8x stores the codes)")
 
 
 def two_op_bits(q, k, tau, bk=32, window=128, scale=None):
@@ -102,6 +110,7 @@ def fused_pipeline(monkeypatch):
     monkeypatch.setattr(_pipeline, "FUSED_SELECTION", True)
 
 
+@hopper_only
 def test_select_memory_is_below_the_two_op_path(fused_pipeline):
     """Without stored query codes the selection holds the key side and per-row buffers only."""
     q, k, v = make_qkv(1, 32, 8, 8192, 128, device="cuda", seed=1)
@@ -124,6 +133,18 @@ def test_select_memory_is_below_the_two_op_path(fused_pipeline):
     assert _pipeline.selection_steps(q, k, v, 64, 32) == (8, 4)  # every head in one step
 
 
+@pytest.mark.skipif(not ON_SM8X, reason="the sm8x path (pytest --sm8x)")
+def test_select_stores_codes_on_sm8x(fused_pipeline):
+    """The int4 scorer reads packed stored codes: sale.select keeps them, the plan counts them, and
+    the masks still equal the two-op path's."""
+    q, k, v = make_qkv(1, 8, 2, 4500, 128, device="cuda", seed=6)
+    tau = torch.logspace(-4, -1, 8, device="cuda")
+    assert _pipeline.select_stores_q_codes(q)
+    assert torch.equal(select_bits(q, k, tau), two_op_bits(q, k, tau))
+    res = sale_ops.attention(q, k, v, tau, return_block_mask=True, dense_below=0)
+    assert torch.equal(sale_ops.pack_block_mask(res.block_mask), two_op_bits(q, k, tau))
+
+
 def test_select_argument_errors():
     q, k, _ = make_qkv(1, 2, 1, 100, 64, device="cuda")
     tau = torch.zeros(2, device="cuda")
@@ -144,6 +165,7 @@ def test_opcheck_cuda():
         torch.library.opcheck(torch.ops.sale.select.default, (q, k, tau, 64, bk, 128, 0.125))
 
 
+@hopper_only
 def test_attention_uses_one_step_and_matches_two_op_selection(fused_pipeline):
     q, k, v = make_qkv(1, 8, 2, 4500, 128, device="cuda", seed=6)
     tau = torch.logspace(-4, -1, 8, device="cuda")
@@ -152,6 +174,7 @@ def test_attention_uses_one_step_and_matches_two_op_selection(fused_pipeline):
     assert torch.equal(sale_ops.pack_block_mask(res.block_mask), two_op_bits(q, k, tau))
 
 
+@hopper_only
 @pytest.mark.parametrize("d,bk,hq,hkv,dtype", [(128, 32, 8, 2, torch.bfloat16), (64, 64, 7, 1, torch.float16),
                                               (128, 32, 3, 3, torch.float16)])
 def test_select_varlen_equals_quantize_then_block_mask(d, bk, hq, hkv, dtype):
@@ -177,6 +200,7 @@ def test_select_varlen_equals_quantize_then_block_mask(d, bk, hq, hkv, dtype):
     assert torch.equal(got, want)
 
 
+@hopper_only
 def test_select_varlen_opcheck_cuda():
     from test_varlen import make_batch
 

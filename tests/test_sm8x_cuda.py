@@ -95,3 +95,5 @@ def test_varlen_refused_on_sm8x(monkeypatch):
     cu = torch.tensor([0, 100, 300], device="cuda", dtype=torch.int32)
     with pytest.raises(RuntimeError, match="variable-length batches run on the Hopper kernels only"):
         sale_ops.attention_varlen(q, k, k, cu, cu, 200, 200, 1e-3, dense_below=0)
+    with pytest.raises(RuntimeError, match="variable-length batches run on the Hopper kernels only"):
+        torch.ops.sale.select_varlen(q, k, cu, cu, 200, 200, torch.zeros(4, device="cuda"), 64, 32, 128, 0.125, 0)
