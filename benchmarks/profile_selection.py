@@ -58,8 +58,9 @@ def profile(n):
     def fused():
         return torch.ops.sale.select(q, k, tau, 64, 32, 128, scale)
 
-    def stepped():  # the pipeline's selection with sale.select (FUSED_SELECTION on, the default)
-        assert _pipeline.FUSED_SELECTION
+    assert _pipeline.FUSED_SELECTION, "the pipeline's default: its selection goes through sale.select"
+
+    def stepped():  # the pipeline's selection with sale.select
         return select_blocks(q, k, v, tau, 64, 32, 128, scale)
 
     # The pipeline before sale.select: quantize + block_mask_bits with stored query codes, as many

@@ -15,7 +15,7 @@ from test_block_mask_cuda import CASES  # odd sizes, GQA groups 1/3/4/7, Nq < Nk
 pytestmark = pytest.mark.gpu
 
 # The sm8x path (pytest --sm8x) stores the query codes and has no packed-batch kernels: the tests of
-# what only the Hopper scorer does skip there (test_select_stores_codes_on_sm8x and
+# what only the Hopper scorer does skip there (test_attention_selection_matches_two_op_selection and
 # test_sm8x_cuda.py::test_varlen_refused_on_sm8x cover that path).
 ON_SM8X = os.environ.get("SALE_OPS_FORCE_SM8X") == "1"
 hopper_only = pytest.mark.skipif(ON_SM8X, reason="the Hopper wgmma scorer's behaviour (sm8x stores the codes)")
@@ -133,18 +133,6 @@ def test_select_memory_is_below_the_two_op_path(fused_pipeline):
     assert _pipeline.selection_steps(q, k, v, 64, 32) == (8, 4)  # every head in one step
 
 
-@pytest.mark.skipif(not ON_SM8X, reason="the sm8x path (pytest --sm8x)")
-def test_select_stores_codes_on_sm8x(fused_pipeline):
-    """The int4 scorer reads packed stored codes: sale.select keeps them, the plan counts them, and
-    the masks still equal the two-op path's."""
-    q, k, v = make_qkv(1, 8, 2, 4500, 128, device="cuda", seed=6)
-    tau = torch.logspace(-4, -1, 8, device="cuda")
-    assert _pipeline.select_stores_q_codes(q)
-    assert torch.equal(select_bits(q, k, tau), two_op_bits(q, k, tau))
-    res = sale_ops.attention(q, k, v, tau, return_block_mask=True, dense_below=0)
-    assert torch.equal(sale_ops.pack_block_mask(res.block_mask), two_op_bits(q, k, tau))
-
-
 def test_select_argument_errors():
     q, k, _ = make_qkv(1, 2, 1, 100, 64, device="cuda")
     tau = torch.zeros(2, device="cuda")
@@ -165,13 +153,20 @@ def test_opcheck_cuda():
         torch.library.opcheck(torch.ops.sale.select.default, (q, k, tau, 64, bk, 128, 0.125))
 
 
-@hopper_only
-def test_attention_uses_one_step_and_matches_two_op_selection(fused_pipeline):
+def test_attention_selection_matches_two_op_selection(fused_pipeline):
+    """sale.attention's selection through sale.select gives the two-op path's masks: in one step on
+    the Hopper scorer; on the sm8x path, whose int4 scorer reads packed stored codes, with the query
+    codes stored."""
     q, k, v = make_qkv(1, 8, 2, 4500, 128, device="cuda", seed=6)
     tau = torch.logspace(-4, -1, 8, device="cuda")
-    assert _pipeline.selection_steps(q, k, v, 64, 32) == (2, 4)
+    want = two_op_bits(q, k, tau)
+    if ON_SM8X:
+        assert _pipeline.select_stores_q_codes(q)
+        assert torch.equal(select_bits(q, k, tau), want)
+    else:
+        assert _pipeline.selection_steps(q, k, v, 64, 32) == (2, 4)
     res = sale_ops.attention(q, k, v, tau, return_block_mask=True, dense_below=0)
-    assert torch.equal(sale_ops.pack_block_mask(res.block_mask), two_op_bits(q, k, tau))
+    assert torch.equal(sale_ops.pack_block_mask(res.block_mask), want)
 
 
 @hopper_only

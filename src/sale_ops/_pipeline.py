@@ -4,10 +4,10 @@ The selection's transient tensors (4-bit codes held in int8, scales, bias, row t
 about 0.44 × the bytes of q + k + v for Llama-3.1-8B shapes when made for every head at once; the
 query codes alone are 0.33 ×. ``sale.select`` never stores the query codes where the Hopper wgmma
 scorer serves (it makes them from q as it goes), which leaves ~0.12 × (the pipeline's default,
-FUSED_SELECTION). Means and scales are per head, so whatever does not fit the memory share below runs on groups
-of kv heads (with their query heads) one after the other, and only the bit-packed mask (one bit per
-block) is kept for all heads. The group size depends on shapes and the kernel path only, so the op
-stays free of host synchronisation and data-dependent allocation.
+FUSED_SELECTION). Means and scales are per head, so whatever does not fit the memory share below
+runs on groups of kv heads (with their query heads) one after the other, and only the bit-packed
+mask (one bit per block) is kept for all heads. The group size depends on shapes and the kernel
+path only, so the op stays free of host synchronisation and data-dependent allocation.
 """
 
 from __future__ import annotations
