@@ -424,6 +424,22 @@ __device__ __forceinline__ void decide_block_cut(int32_t best, float d, float d_
   hit = ok && best >= kBiasedZero + kFoldedMargin;
   unsure = !ok || (best >= kBiasedZero - kFoldedMargin && best < kBiasedZero + kFoldedMargin);
 }
+// decide_block_cut for the N blocks of a wgmma stage at once, as one word: bit b a hit, bit N + b
+// unsure. A stage with any d below d_min (a key scale below a millionth of the threshold) is unsure
+// in every block, which the exact test then settles: the d test costs one compare per block instead
+// of one per block and outcome, and the bits come out of predicates without select chains.
+template <int N>
+__device__ __forceinline__ uint32_t decide_blocks_cut(const int32_t (&best)[N], const float (&d)[N], float d_min) {
+  bool ok = true;
+  uint32_t word = 0;
+#pragma unroll
+  for (int b = 0; b < N; ++b) {
+    ok &= d[b] >= d_min;
+    word |= uint32_t(best[b] >= kBiasedZero + kFoldedMargin) << b;
+    word |= uint32_t(uint32_t(best[b] - (kBiasedZero - kFoldedMargin)) < uint32_t(2 * kFoldedMargin)) << (N + b);
+  }
+  return ok ? word : ((1u << N) - 1u) << N;
+}
 // The second test of a row that the approximate test left unsure, before any per-element division.
 // best = max over the row's columns of the accumulators, which started at cut_biased_bias(bias,
 // rd, start) for an integer-valued start in [2^23, 2^24) (kBiasMagic, or row_cut's). In range,
@@ -518,12 +534,14 @@ __device__ __forceinline__ bool decide_block_mma(const int32_t (&acc)[2][kTiles]
 struct KeptBits {
   uint32_t bits = 0;
   // Candidates c0 .. c0 + count - 1: bit i of warp_hits is candidate c0 + i (block c0 + 1 + i);
-  // blocks from n_end on are not candidates and are dropped.
+  // blocks from n_end on are not candidates and are dropped. Only the last step holds such bits
+  // (c0 < n_end - 1 on every step), so they are cleared once, when the last word goes out.
   __device__ __forceinline__ void add(uint32_t warp_hits, int c0, int count, int n_end, uint32_t* words,
                                       int lane) {
-    const int valid = n_end - 1 - c0;
-    bits |= (warp_hits & (valid >= count ? ~0u : (1u << valid) - 1u)) << (c0 & 31);
-    if (((c0 + count) & 31) == 0 || c0 + count >= n_end - 1) {
+    bits |= warp_hits << (c0 & 31);
+    const bool last = c0 + count >= n_end - 1;
+    if (((c0 + count) & 31) == 0 || last) {
+      if (last) bits &= (2u << ((n_end - 2) & 31)) - 1u;  // candidates up to n_end - 2 in this word
       const int w = c0 >> 5;
       if (lane == 0 && (bits << 1) != 0) atomicOr(words + w, bits << 1);
       if (lane == 0 && (bits >> 31) != 0) atomicOr(words + w + 1, bits >> 31);

@@ -91,27 +91,44 @@ struct IssueTurn {
   }
 };
 
-// Codes of 16 consecutive columns [col, col + 16) of row `qrow` of head h of sequence b, whose
-// scale sits at q_scale[q_row], made as sale.quantize makes them (code_of on the centred value
-// and the row's group scale): bit-identical, so the mask is the same whether or not the codes
-// were stored.
+// The inputs of the codes of 16 consecutive columns [col, col + 16) of row `qrow` of head h of
+// sequence b (whose scale sits at q_scale[q_row]): loaded for several pieces before any is
+// converted, so their memory latencies overlap (the stores to shared memory in between would
+// otherwise keep the compiler from hoisting the next piece's loads).
+struct QueryPiece {
+  uint4 x[2];     // 16 values of q, fp16 or bf16
+  float4 mu[4];   // their columns' query means
+  float scale;    // the row's group scale
+};
+
 template <int D>
-__device__ __forceinline__ uint4 quantize_query_piece(const BlockMaskParams& p, const SeqSpan& s, int b, int h,
-                                                      int qrow, int64_t q_row, int col) {
+__device__ __forceinline__ QueryPiece load_query_piece(const BlockMaskParams& p, const SeqSpan& s, int b, int h,
+                                                       int qrow, int64_t q_row, int col) {
+  QueryPiece piece;
   const uint16_t* x = static_cast<const uint16_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                       (int64_t(s.q0) + qrow) * p.q_row_stride + col;
-  const float* mu = p.q_mean + (int64_t(b) * p.q_heads + h) * D + col;
-  const float scale = p.q_scale[q_row];
+  const float4* mu = reinterpret_cast<const float4*>(p.q_mean + (int64_t(b) * p.q_heads + h) * D + col);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) piece.x[half] = __ldg(reinterpret_cast<const uint4*>(x + 8 * half));
+#pragma unroll
+  for (int i = 0; i < 4; ++i) piece.mu[i] = __ldg(mu + i);
+  piece.scale = __ldg(p.q_scale + q_row);
+  return piece;
+}
+
+// The piece's codes as sale.quantize makes them (code_of on the centred value and the row's group
+// scale): bit-identical, so the mask is the same whether or not the codes were stored.
+__device__ __forceinline__ uint4 query_piece_codes(const QueryPiece& piece, bool bf16) {
+  const float* mu = reinterpret_cast<const float*>(piece.mu);
   uint32_t packed[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x + 8 * half));
     float f[8];
-    if (p.q_bf16) unpack8<__nv_bfloat16>(raw, f);
-    else unpack8<__half>(raw, f);
+    if (bf16) unpack8<__nv_bfloat16>(piece.x[half], f);
+    else unpack8<__half>(piece.x[half], f);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      const int c = code_of(f[e], __ldg(mu + 8 * half + e), scale);
+      const int c = code_of(f[e], mu[8 * half + e], piece.scale);
       packed[2 * half + e / 4] |= (static_cast<uint32_t>(c) & 0xffu) << (8 * (e % 4));
     }
   }
@@ -145,58 +162,99 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
   if (n_end <= 1) return;
   const int steps = (n_end - 1 + kBlocks - 1) / kBlocks;
 
-  if (threadIdx.x == 0) {
+  // Map coordinates of the key-side rows; key0 is a multiple of 4, so each box's first key sits
+  // at the same place for every stage.
+  const int64_t kscale_at = maps.k_scale_shift + k_rows;
+  auto bias_at = [&](int hh) { return maps.qk_bias_shift + k_rows_of<VARLEN>(p, cta.s, b, h0 + hh, p.q_heads); };
+  // One thread of the producer warpgroup issues every copy of stage s (TMA, see KeyMaps).
+  const bool producer = threadIdx.x == kConsumers;
+  auto issue_stage = [&](int s) {
+    constexpr uint32_t kStageBytes = kStep * D + (HEADS + 1) * ws::kRowBox * sizeof(float);
+    const uint64_t hint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
+    const int stage = s % kStages;
+    FullBarrier::arrive_and_expect_tx(&sm.full[stage], kStageBytes);
+    // Rows past this head's Nk (last stage only) bring the next head's keys, or zeros past the
+    // tensor: they only reach blocks >= n_end, which are never looked at.
+    const int key0 = BK + s * kStep;  // candidates start at block 1
+    SM90_TMA_LOAD_2D::copy(&maps.k_codes, &sm.full[stage], hint, sm.k[stage], 0, int(k_rows + key0));
+    SM90_TMA_LOAD_1D::copy(&maps.k_scale, &sm.full[stage], hint, sm.kscale[stage], int(kscale_at + key0) & ~3);
+#pragma unroll
+    for (int hh = 0; hh < HEADS; ++hh)
+      SM90_TMA_LOAD_1D::copy(&maps.qk_bias, &sm.full[stage], hint, sm.bias[stage][hh], int(bias_at(hh) + key0) & ~3);
+  };
+  // The producer thread sets up the barriers and starts the first stages' copies at once, so
+  // they land while every thread (itself included) loads the query codes below.
+  const int preissued = min(kStages, steps);
+  if (producer) {
     for (int s = 0; s < kStages; ++s) {
       FullBarrier::init(&sm.full[s], 1);  // the producer thread's arrival plus the TMA bytes
       Barrier::init(&sm.empty[s], kConsumers);  // one arrival per consumer thread
     }
     cutlass::arch::fence_barrier_init();
+    for (int s = 0; s < preissued; ++s) issue_stage(s);
   }
   // Query codes of every head (rows past Nq are zero) into their swizzled tiles: copied, or made
-  // here from q when sale.select did not store them (ws::quantize_query_piece).
-  for (int c = threadIdx.x; c < HEADS * kBq * D / 16; c += blockDim.x) {
-    const int hh = c / (kBq * D / 16), rest = c % (kBq * D / 16);
-    const int row = rest / (D / 16), col = (rest % (D / 16)) * 16;
-    const int qrow = m * kBq + row;
-    const bool in = qrow < cta.s.nq;
+  // here from q when sale.select did not store them (ws::load_query_piece / query_piece_codes,
+  // kBatch pieces' loads in flight at a time).
+  constexpr int kThreads = kConsumers + ws::kProducerThreads;
+  constexpr int kPieces = HEADS * kBq * D / 16, kPerThread = (kPieces + kThreads - 1) / kThreads;
+  auto piece_of = [&](int c, int& hh, int& row, int& col) {
+    hh = c / (kBq * D / 16);
+    const int rest = c % (kBq * D / 16);
+    row = rest / (D / 16), col = (rest % (D / 16)) * 16;
+  };
+  auto piece_dst = [&](int hh, int row, int col) {
     Tensor sQ = make_tensor(make_smem_ptr(sm.q[hh]), QLayout{});
-    const int64_t q_row = q_rows_of<VARLEN>(p, cta.s, b, h0 + hh) + (in ? qrow : 0);
-    if (p.q_codes != nullptr) {
-      cp_async_16(raw_pointer_cast(&sQ(row, col)), p.q_codes + q_row * D + col, in ? 16 : 0);
-    } else {
-      const uint4 codes = in ? ws::quantize_query_piece<D>(p, cta.s, b, h0 + hh, qrow, q_row, col) : uint4{};
-      st_shared_16(raw_pointer_cast(&sQ(row, col)), codes);
+    return raw_pointer_cast(&sQ(row, col));
+  };
+  if (p.q_codes != nullptr) {
+    for (int c = threadIdx.x; c < kPieces; c += kThreads) {
+      int hh, row, col;
+      piece_of(c, hh, row, col);
+      const int qrow = m * kBq + row;
+      const bool in = qrow < cta.s.nq;
+      const int64_t q_row = q_rows_of<VARLEN>(p, cta.s, b, h0 + hh) + (in ? qrow : 0);
+      cp_async_16(piece_dst(hh, row, col), p.q_codes + q_row * D + col, in ? 16 : 0);
     }
+    cp_async_commit();
+    cp_async_wait<0>();
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // cp.async wrote, wgmma reads
+  } else {
+    constexpr int kBatch = 2;
+#pragma unroll
+    for (int i0 = 0; i0 < kPerThread; i0 += kBatch) {
+      ws::QueryPiece pieces[kBatch];
+      bool in[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int c = threadIdx.x + (i0 + j) * kThreads;
+        int hh, row, col;
+        piece_of(c, hh, row, col);
+        const int qrow = m * kBq + row;
+        in[j] = c < kPieces && i0 + j < kPerThread && qrow < cta.s.nq;
+        if (in[j]) pieces[j] = ws::load_query_piece<D>(p, cta.s, b, h0 + hh, qrow,
+                                                       q_rows_of<VARLEN>(p, cta.s, b, h0 + hh) + qrow, col);
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int c = threadIdx.x + (i0 + j) * kThreads;
+        if (c >= kPieces || i0 + j >= kPerThread) continue;
+        int hh, row, col;
+        piece_of(c, hh, row, col);
+        st_shared_16(piece_dst(hh, row, col), in[j] ? ws::query_piece_codes(pieces[j], p.q_bf16) : uint4{});
+      }
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic-proxy stores, wgmma reads
   }
-  cp_async_commit();
-  cp_async_wait<0>();
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // cp.async wrote, wgmma reads
   __syncthreads();  // also orders init_mask_rows' stores before the consumers' atomics
-
-  // Map coordinates of the key-side rows; key0 is a multiple of 4, so each box's first key sits
-  // at the same place for every stage.
-  const int64_t kscale_at = maps.k_scale_shift + k_rows;
-  auto bias_at = [&](int hh) { return maps.qk_bias_shift + k_rows_of<VARLEN>(p, cta.s, b, h0 + hh, p.q_heads); };
 
   if (threadIdx.x >= kConsumers) {
     // ---------------- producer warpgroup ----------------
     if constexpr (HEADS == 4) cutlass::arch::warpgroup_reg_dealloc<ws::kProducerRegs>();
-    if (threadIdx.x != kConsumers) return;  // one thread issues every copy
-    constexpr uint32_t kStageBytes = kStep * D + (HEADS + 1) * ws::kRowBox * sizeof(float);
-    const uint64_t hint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
-    for (int s = 0; s < steps; ++s) {
-      const int stage = s % kStages;
-      if (s >= kStages) Barrier::wait(&sm.empty[stage], ((s / kStages) & 1) ^ 1);
-      FullBarrier::arrive_and_expect_tx(&sm.full[stage], kStageBytes);
-      // Rows past this head's Nk (last stage only) bring the next head's keys, or zeros past the
-      // tensor: they only reach blocks >= n_end, which are never looked at.
-      const int key0 = BK + s * kStep;  // candidates start at block 1
-      SM90_TMA_LOAD_2D::copy(&maps.k_codes, &sm.full[stage], hint, sm.k[stage], 0, int(k_rows + key0));
-      SM90_TMA_LOAD_1D::copy(&maps.k_scale, &sm.full[stage], hint, sm.kscale[stage], int(kscale_at + key0) & ~3);
-#pragma unroll
-      for (int hh = 0; hh < HEADS; ++hh)
-        SM90_TMA_LOAD_1D::copy(&maps.qk_bias, &sm.full[stage], hint, sm.bias[stage][hh],
-                               int(bias_at(hh) + key0) & ~3);
+    if (!producer) return;
+    for (int s = preissued; s < steps; ++s) {
+      Barrier::wait(&sm.empty[s % kStages], ((s / kStages) & 1) ^ 1);
+      issue_stage(s);
     }
     // Leave only when every stage was consumed.
     for (int s = max(0, steps - kStages); s < steps; ++s) Barrier::wait(&sm.empty[s % kStages], (s / kStages) & 1);
@@ -205,7 +263,9 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
   if constexpr (HEADS == 4) cutlass::arch::warpgroup_reg_alloc<ws::kConsumerRegs>();
 
   // ---------------- consumer warpgroups: one per query head ----------------
-  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+  // wg from lane 0 (CUTLASS's canonical index): the compiler then knows it is warp-uniform and keeps
+  // the query tile's wgmma descriptors in uniform registers instead of moving them there per stage.
+  const int wg = cutlass::canonical_warp_group_idx(), tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int h = h0 + wg;
   const int64_t q_rows = q_rows_of<VARLEN>(p, cta.s, b, h);
@@ -291,20 +351,21 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
         // bits decides (hits in the low half, unsure blocks in the high half of one reduction).
         // Blocks that no thread keeps surely and some thread is unsure about are decided again,
         // row by row, by refine_row, and per element only in rows it leaves open.
-        uint32_t hits = 0, unsure_bits = 0;
+        int32_t best[kBlocks];
 #pragma unroll
         for (int blk = 0; blk < kBlocks; ++blk) {
           int32_t vals[BK / 2];
 #pragma unroll
           for (int e = 0; e < BK / 2; ++e) vals[e] = acc(blk * (BK / 2) + e);
-          bool hit, unsure;
-          decide_block_cut(max_tree(vals), d[blk], d_min, hit, unsure);
-          hits |= uint32_t(hit) << blk;
-          unsure_bits |= uint32_t(unsure) << blk;
+          best[blk] = max_tree(vals);
         }
-        static_assert(kBlocks <= 16, "hits and unsure bits share one word");
-        uint32_t votes = __reduce_or_sync(0xffffffffu, hits | unsure_bits << 16);
-        const uint32_t open = (votes >> 16) & ~votes;  // warp-uniform
+        static_assert(2 * kBlocks <= 32, "hits and unsure bits share one word");
+        constexpr uint32_t kAll = (1u << kBlocks) - 1u;
+        const uint32_t word = decide_blocks_cut(best, d, d_min);
+        uint32_t hits = word & kAll;
+        const uint32_t unsure_bits = word >> kBlocks;
+        uint32_t votes = __reduce_or_sync(0xffffffffu, word);
+        const uint32_t open = (votes >> kBlocks) & ~votes & kAll;  // warp-uniform
         if (open != 0) {
 #pragma unroll
           for (int blk = 0; blk < kBlocks; ++blk) {
@@ -336,7 +397,7 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
           }
           votes = __reduce_or_sync(0xffffffffu, hits);
         }
-        kept.add(votes & 0xffffu, s * kBlocks, kBlocks, n_end, words, lane);
+        kept.add(votes & kAll, s * kBlocks, kBlocks, n_end, words, lane);
         Barrier::arrive(&sm.empty[stage]);  // this thread is done with the stage (every thread arrives:
                                             // each read is ordered before its own release)
       }
