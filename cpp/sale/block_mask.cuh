@@ -403,7 +403,7 @@ __device__ __forceinline__ void approx_decide(const int32_t (&best)[2], float d,
 // |thr_r * rd| < 2^22, row r's accumulator of column j starts at the bits of
 // fma(bias_j, rd, cut_r) = kBiasedZero + rint(bias_j * rd) - rint(thr_r * rd) while the sum stays
 // in [2^23, 2^24) (ties may round either way), so after the product v = acc - kBiasedZero is
-// E + b - t (t = thr / d) up to the errors bounded at decide_block_cut.
+// E + b - t (t = thr / d) up to the errors bounded at decide_blocks_cut.
 __device__ __forceinline__ float row_cut(float thr, float rd) { return fmaf(-thr, rd, kBiasMagic); }
 // Smallest d = sq * sk for which the folded test is sound: |t| = |thr / d| <= 2^20 for every
 // finite threshold of the thread's rows (tmax = their largest |thr|) and d a normal number (rd
@@ -411,23 +411,17 @@ __device__ __forceinline__ float row_cut(float thr, float rd) { return fmaf(-thr
 // +inf (a row past Nq) at -inf, a miss. Smaller d (a key scale a millionth of the threshold)
 // goes to the exact test.
 __device__ __forceinline__ float folded_d_min(float tmax) { return fmaxf(FLT_MIN, tmax * 0x1p-20f); }
-// The approximate test of one block on best = max over the thread's rows and columns of the
-// folded accumulators (v = best - kBiasedZero): a hit when v >= 4, a miss when v < -4, unsure in
-// between or when d < d_min. Sound: with |t| <= 2^20 and the sum in range, |bias * rd| < 3 * 2^21,
-// so rint(bias * rd) is within 1/2 + 3 * 2^21 * 2^-22 = 2 of b = rint(bias / d) (rd within 2^-22
-// relative), rint(thr * rd) within 1/2 + 2^-22 |t| of t, and fl((E + b) * d) > thr moves the
-// boundary by 2^-23 |t|: all together below 3 < 4. A sum above range (v >= 2^22) needs
-// bias * rd > 3 * 2^20 above t: a hit; below range: a miss.
+// The approximate test of the N blocks of a wgmma stage, each on best[b] = max over the thread's
+// rows and columns of the block's folded accumulators (v = best - kBiasedZero): a hit when v >= 4,
+// a miss when v < -4, unsure in between, as one word (bit b a hit, bit N + b unsure). Sound: with
+// |t| <= 2^20 and the sum in range, |bias * rd| < 3 * 2^21, so rint(bias * rd) is within
+// 1/2 + 3 * 2^21 * 2^-22 = 2 of b = rint(bias / d) (rd within 2^-22 relative), rint(thr * rd) within
+// 1/2 + 2^-22 |t| of t, and fl((E + b) * d) > thr moves the boundary by 2^-23 |t|: all together
+// below 3 < 4. A sum above range (v >= 2^22) needs bias * rd > 3 * 2^20 above t: a hit; below
+// range: a miss. The bound needs d >= d_min; a stage with any block below it (a key scale below a
+// millionth of the threshold) is unsure in every block, which the exact test then settles: one
+// compare per block, and the bits come out of predicates without select chains.
 constexpr int32_t kFoldedMargin = 4;
-__device__ __forceinline__ void decide_block_cut(int32_t best, float d, float d_min, bool& hit, bool& unsure) {
-  const bool ok = d >= d_min;
-  hit = ok && best >= kBiasedZero + kFoldedMargin;
-  unsure = !ok || (best >= kBiasedZero - kFoldedMargin && best < kBiasedZero + kFoldedMargin);
-}
-// decide_block_cut for the N blocks of a wgmma stage at once, as one word: bit b a hit, bit N + b
-// unsure. A stage with any d below d_min (a key scale below a millionth of the threshold) is unsure
-// in every block, which the exact test then settles: the d test costs one compare per block instead
-// of one per block and outcome, and the bits come out of predicates without select chains.
 template <int N>
 __device__ __forceinline__ uint32_t decide_blocks_cut(const int32_t (&best)[N], const float (&d)[N], float d_min) {
   bool ok = true;
