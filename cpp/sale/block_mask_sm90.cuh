@@ -348,7 +348,8 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
         warpgroup_fence_operand(acc);
 
         // Per block: the approximate test on one max over both rows; a warp-wide OR of the step's
-        // bits decides (hits in the low half, unsure blocks in the high half of one reduction).
+        // word decides (decide_blocks_cut: hits in bits 0 .. kBlocks - 1, unsure blocks in the next
+        // kBlocks bits, one reduction).
         // Blocks that no thread keeps surely and some thread is unsure about are decided again,
         // row by row, by refine_row, and per element only in rows it leaves open.
         int32_t best[kBlocks];
