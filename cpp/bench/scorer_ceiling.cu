@@ -307,8 +307,10 @@ Result run(int sms, int steps, int repeats) {
   return {ms, ops / (ms * 1e-3) / 1e12};
 }
 
+// Runs the variant unless `only` is set and not part of "<name> D<d>" (to profile one variant).
 template <class Atom, int D, bool RS, Work WORK, bool TURNS>
-void row(const char* name, int sms, int steps, int repeats, double peak) {
+void row(const char* name, int sms, int steps, int repeats, double peak, const std::string& only) {
+  if (!only.empty() && (std::string(name) + " D" + std::to_string(D)).find(only) == std::string::npos) return;
   const Result r = run<Atom, D, RS, WORK, TURNS>(sms, steps, repeats);
   std::printf("| %-44s | %3d | %8.3f | %7.0f | %5.1f%% |\n", name, D, r.ms, r.tops, 100.0 * r.tops / peak);
   std::fflush(stdout);
@@ -335,6 +337,11 @@ int main(int argc, char** argv) {
   const double peak = 8192.0 * prop.multiProcessorCount * clock_khz * 1e3 / 1e12;
   const int steps = argc > 1 ? std::atoi(argv[1]) : 2048;
   const int repeats = argc > 2 ? std::atoi(argv[2]) : 5;
+  const std::string only = argc > 3 ? argv[3] : "";  // e.g. "s8 RS, full, turns D128"
+  if (steps < 1 || repeats < 1) {
+    std::printf("usage: %s [stages per CTA >= 1] [repeats >= 1] [variant filter]\n", argv[0]);
+    return 2;
+  }
   const int sms = prop.multiProcessorCount;
   std::printf("device: %s, %d SMs, %.0f MHz boost; 8-bit dense peak at that clock %.0f TOPS\n", prop.name, sms,
               clock_khz / 1e3, peak);
@@ -347,19 +354,19 @@ int main(int argc, char** argv) {
   using E4F32 = SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_SS_TN<>;
   using E4F16 = SM90::GMMA::MMA_64x128x32_F16E4M3E4M3_SS_TN<>;
   using E4F16N256 = SM90::GMMA::MMA_64x256x32_F16E4M3E4M3_SS_TN<>;
-  row<S8, 128, false, Work::kNone, true>("s8 SS, none, turns", sms, steps, repeats, peak);
-  row<S8, 128, false, Work::kNone, false>("s8 SS, none, no turns", sms, steps, repeats, peak);
-  row<S8RS, 128, true, Work::kNone, true>("s8 RS, none, turns", sms, steps, repeats, peak);
-  row<S8, 128, false, Work::kStart, true>("s8 SS, start, turns", sms, steps, repeats, peak);
-  row<S8RS, 128, true, Work::kStart, true>("s8 RS, start, turns", sms, steps, repeats, peak);
-  row<S8, 128, false, Work::kFull, true>("s8 SS, full (the scorer's loop), turns", sms, steps, repeats, peak);
-  row<S8, 128, false, Work::kFull, false>("s8 SS, full, no turns", sms, steps, repeats, peak);
-  row<S8RS, 128, true, Work::kFull, true>("s8 RS, full, turns", sms, steps, repeats, peak);
-  row<E4F32, 128, false, Work::kNone, true>("e4m3 -> f32 SS m64n128, none, turns", sms, steps, repeats, peak);
-  row<E4F16, 128, false, Work::kNone, true>("e4m3 -> f16 SS m64n128, none, turns", sms, steps, repeats, peak);
-  row<E4F16N256, 128, false, Work::kNone, true>("e4m3 -> f16 SS m64n256, none, turns", sms, steps / 2, repeats, peak);
-  row<S8, 64, false, Work::kNone, true>("s8 SS, none, turns", sms, steps, repeats, peak);
-  row<S8, 64, false, Work::kFull, true>("s8 SS, full (the scorer's loop), turns", sms, steps, repeats, peak);
-  row<S8RS, 64, true, Work::kFull, true>("s8 RS, full, turns", sms, steps, repeats, peak);
+  row<S8, 128, false, Work::kNone, true>("s8 SS, none, turns", sms, steps, repeats, peak, only);
+  row<S8, 128, false, Work::kNone, false>("s8 SS, none, no turns", sms, steps, repeats, peak, only);
+  row<S8RS, 128, true, Work::kNone, true>("s8 RS, none, turns", sms, steps, repeats, peak, only);
+  row<S8, 128, false, Work::kStart, true>("s8 SS, start, turns", sms, steps, repeats, peak, only);
+  row<S8RS, 128, true, Work::kStart, true>("s8 RS, start, turns", sms, steps, repeats, peak, only);
+  row<S8, 128, false, Work::kFull, true>("s8 SS, full (the scorer's loop), turns", sms, steps, repeats, peak, only);
+  row<S8, 128, false, Work::kFull, false>("s8 SS, full, no turns", sms, steps, repeats, peak, only);
+  row<S8RS, 128, true, Work::kFull, true>("s8 RS, full, turns", sms, steps, repeats, peak, only);
+  row<E4F32, 128, false, Work::kNone, true>("e4m3 -> f32 SS m64n128, none, turns", sms, steps, repeats, peak, only);
+  row<E4F16, 128, false, Work::kNone, true>("e4m3 -> f16 SS m64n128, none, turns", sms, steps, repeats, peak, only);
+  row<E4F16N256, 128, false, Work::kNone, true>("e4m3 -> f16 SS m64n256, none, turns", sms, std::max(1, steps / 2), repeats, peak, only);
+  row<S8, 64, false, Work::kNone, true>("s8 SS, none, turns", sms, steps, repeats, peak, only);
+  row<S8, 64, false, Work::kFull, true>("s8 SS, full (the scorer's loop), turns", sms, steps, repeats, peak, only);
+  row<S8RS, 64, true, Work::kFull, true>("s8 RS, full, turns", sms, steps, repeats, peak, only);
   return 0;
 }
