@@ -135,6 +135,29 @@ __device__ __forceinline__ uint4 query_piece_codes(const QueryPiece& piece, bool
   return make_uint4(packed[0], packed[1], packed[2], packed[3]);
 }
 
+// The accumulators' start values for one stage: the bias minus the row threshold in code units
+// (see row_cut), so the tensor cores add the bias and the epilogue is one integer max per element.
+// Column pair (nt, c) of row r of the thread's fragment is acc(nt * 4 + 2 r + c); bias[nt * 8 + c]
+// is its bias, rd[blk] = 1 / (sq * sk) for its block, thr[r] the row's threshold. ALIGNED: the
+// pairs may be read as 8-byte words. (Also the start of cpp/bench's ceiling kernel.)
+template <int BK, bool ALIGNED, int N, class Acc>
+__device__ __forceinline__ void start_values(Acc& acc, const float* bias, const float (&rd)[N], const float (&thr)[2]) {
+#pragma unroll
+  for (int blk = 0; blk < N; ++blk) {
+    const float cut0 = row_cut(thr[0], rd[blk]), cut1 = row_cut(thr[1], rd[blk]);
+#pragma unroll
+    for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt) {
+      float2 bj;
+      if constexpr (ALIGNED) bj = *reinterpret_cast<const float2*>(bias + nt * 8);
+      else bj = make_float2(bias[nt * 8], bias[nt * 8 + 1]);
+      acc(nt * 4 + 0) = cut_biased_bias(bj.x, rd[blk], cut0);
+      acc(nt * 4 + 1) = cut_biased_bias(bj.y, rd[blk], cut0);
+      acc(nt * 4 + 2) = cut_biased_bias(bj.x, rd[blk], cut1);
+      acc(nt * 4 + 3) = cut_biased_bias(bj.y, rd[blk], cut1);
+    }
+  }
+}
+
 }  // namespace ws
 
 template <int D, int BK, int HEADS, bool VARLEN>
@@ -313,8 +336,7 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
         if (s >= steps) break;
         FullBarrier::wait(&sm.full[stage], phase);
 
-        // Accumulators start at the bias minus the row threshold in code units (see row_cut): the
-        // tensor cores add the bias and the epilogue is one integer max per element. Keys past Nk
+        // Accumulators start at the bias minus the row threshold (ws::start_values). Keys past Nk
         // (last stage) give garbage in blocks >= n_end, which are never looked at.
         float d[kBlocks], rd[kBlocks];
 #pragma unroll
@@ -323,20 +345,7 @@ __global__ void __launch_bounds__(128 * HEADS + ws::kProducerThreads, 1)
           rd[blk] = bias_reciprocal(d[blk]);
         }
         const float* bias = &sm.bias[stage][wg][bias_first + 2 * t];  // column (nt, c) at bias[nt * 8 + c]
-#pragma unroll
-        for (int blk = 0; blk < kBlocks; ++blk) {
-          const float cut0 = row_cut(thr[0], rd[blk]), cut1 = row_cut(thr[1], rd[blk]);
-#pragma unroll
-          for (int nt = blk * (BK / 8); nt < (blk + 1) * (BK / 8); ++nt) {
-            float2 bj;
-            if constexpr (decltype(aligned_pairs)::value) bj = *reinterpret_cast<const float2*>(bias + nt * 8);
-            else bj = make_float2(bias[nt * 8], bias[nt * 8 + 1]);
-            acc(nt * 4 + 0) = cut_biased_bias(bj.x, rd[blk], cut0);
-            acc(nt * 4 + 1) = cut_biased_bias(bj.y, rd[blk], cut0);
-            acc(nt * 4 + 2) = cut_biased_bias(bj.x, rd[blk], cut1);
-            acc(nt * 4 + 3) = cut_biased_bias(bj.y, rd[blk], cut1);
-          }
-        }
+        ws::start_values<BK, decltype(aligned_pairs)::value>(acc, bias, rd, thr);
         auto tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(make_tensor(make_smem_ptr(sm.k[stage]), KLayout{})));
         warpgroup_fence_operand(acc);
         issue_turn.wait();

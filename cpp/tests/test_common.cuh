@@ -1,4 +1,4 @@
-// Helpers shared by the ctest kernel tests (no libtorch).
+// Helpers shared by the ctest kernel tests and the kernel benchmarks in cpp/bench (no libtorch).
 #pragma once
 
 #include <cuda_bf16.h>
