@@ -137,13 +137,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float d_min = folded_d_min(3.f + 0.01f * 128);
   uint32_t sink = 0;
 
-  auto turn_wait = [&] {
-    if constexpr (TURNS) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + wg) : "memory");
-  };
-  auto turn_pass = [&] {
-    if constexpr (TURNS) asm volatile("bar.arrive %0, 256;\n" ::"r"(1 + (wg + 1) % kHeads) : "memory");
-  };
-  if (wg == kHeads - 1) turn_pass();
+  ws::IssueTurn<TURNS ? kHeads : 1> turn{wg};  // the scorer's token ring; one "head": no turns
+  if (wg == kHeads - 1) turn.pass();
 
   for (int s0 = 0; s0 < steps; s0 += kStages) {
     const uint32_t phase = (s0 / kStages) & 1;
@@ -168,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<ElemA*>(sm.k[stage])), KLayout{});
       Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(sK));
       warpgroup_fence_operand(acc);
-      turn_wait();
+      turn.wait();
       warpgroup_arrive();
       tiled_mma.accumulate_ = WORK == Work::kNone ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
 #pragma unroll
@@ -177,7 +172,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         tiled_mma.accumulate_ = GMMA::ScaleOut::One;
       }
       warpgroup_commit_batch();
-      turn_pass();
+      turn.pass();
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc);
       if constexpr (WORK == Work::kFull) {
@@ -197,7 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       Barrier::arrive(&sm.empty[stage]);
     }
   }
-  if (wg == 0) turn_wait();  // the last pass: every named barrier ends balanced
+  if (wg == 0) turn.wait();  // the last pass: every named barrier ends balanced
   if (sink == 0x9e3779b9u) atomicAdd(sink_out, 1u);  // keeps the work observable, almost never stores
   if (threadIdx.x == 0) atomicAdd(sink_out + 1, 1u);  // CTAs that finished
 }
